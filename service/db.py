@@ -1,0 +1,64 @@
+"""Postgres plumbing shared by the API and the workers: named queries, pools, error classes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from importlib import resources
+
+import asyncpg
+
+# SQLSTATE classes that say nothing about the statement itself: the connection, the
+# server or a concurrent transaction got in the way, and the same work may succeed later.
+#   08 connection exception, 53 insufficient resources, 57 operator intervention
+#   (admin shutdown, crash shutdown, cannot connect now, query canceled), 58 system error,
+#   40001 serialization failure, 40P01 deadlock detected.
+_TRANSIENT_CLASSES = ("08", "53", "57", "58")
+_TRANSIENT_STATES = ("40001", "40P01")
+
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(filename: str) -> dict[str, str]:
+    """Load the named queries of `sql/<filename>` into a dict keyed by name."""
+    text = resources.files("sql").joinpath(filename).read_text(encoding="utf-8")
+    queries: dict[str, str] = {}
+    parts = _QUERY_HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    for name, body in zip(parts[1::2], parts[2::2]):
+        lines = [line for line in body.strip().splitlines() if not line.startswith("--")]
+        queries[name] = "\n".join(lines).strip()
+    return queries
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return True when `exc` is a database or network fault worth retrying unchanged."""
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        # The client side lost the connection or the pool is closing.
+        return True
+    if isinstance(exc, asyncpg.InvalidCachedStatementError):
+        # A migration changed a table under a prepared statement; asyncpg drops its cache entry.
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state.startswith(_TRANSIENT_CLASSES) or state in _TRANSIENT_STATES
+    return isinstance(exc, (OSError, asyncio.TimeoutError, ConnectionError))
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    size: int,
+    connect_timeout: float,
+    application_name: str,
+    min_size: int | None = None,
+) -> asyncpg.Pool:
+    """Create a pool; connections are opened lazily, so this succeeds while Postgres is down."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=0 if min_size is None else min_size,
+        max_size=size,
+        timeout=connect_timeout,
+        max_inactive_connection_lifetime=300,
+        server_settings={"application_name": application_name},
+    )

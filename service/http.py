@@ -1,0 +1,269 @@
+"""The request pipeline: the one place that turns errors into responses and sets headers.
+
+`pipeline_middleware` wraps every request. In order, it:
+  1. answers unknown paths (404) and methods (405) from the router's verdict;
+  2. runs the route's stages: version negotiation (400 InvalidVersion), the Accept check
+     (406), the body limit (413), then authentication once it is installed;
+  3. calls the handler, which returns a body or raises a `CloudApiError`;
+  4. turns any error into `{"code": ..., "message": ...}` (anything unexpected becomes a
+     500 whose details go only to the log) and sets the full CloudAPI header set on every
+     response, errors included;
+  5. logs one line and records metrics for the request.
+Order matters: CloudAPI checks the route, then the version, then Accept, then credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+import structlog
+from aiohttp import hdrs, web
+
+from service import __version__
+from service.errors import (
+    CloudApiError,
+    DatabaseUnavailable,
+    InternalError,
+    InvalidVersion,
+    MethodNotAllowed,
+    NotAcceptable,
+    RequestTooLarge,
+    ResourceNotFound,
+    ServiceUnavailable,
+)
+from service.versions import LATEST_VERSION, negotiate, requested_range
+
+log = structlog.get_logger("http")
+
+SERVER_HEADER = f"cloudapi-images/{__version__}"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CORS_ALLOW_HEADERS = (
+    "Accept, Accept-Version, Content-Length, Content-MD5, Content-Type, Date, Api-Version, Response-Time"
+)
+_CORS_EXPOSE_HEADERS = "Api-Version, Request-Id, Response-Time"
+_JSON = "application/json"
+_ACCEPTABLE = frozenset({"application/json", "application/*", "*/*"})
+
+Stage = Callable[[web.Request], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """How the pipeline treats a route: its name for logs and metrics, and its stages."""
+
+    name: str
+    methods: tuple[str, ...] = ("GET", "HEAD")
+    versioned: bool = True
+    authenticated: bool = False
+    json_only: bool = True
+    allow_methods: str = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "allow_methods", ", ".join(self.methods))
+
+
+# Request keys set by the pipeline for the stages and handlers after it.
+REQUEST_ID = "cloudapi.request_id"
+STARTED = "cloudapi.started"
+ROUTE = "cloudapi.route"
+API_VERSION = "cloudapi.api_version"
+CALLER = "cloudapi.caller"
+LOG_FIELDS = "cloudapi.log_fields"
+
+ROUTE_SPECS = web.AppKey("route_specs", dict)
+AUTH_STAGE = web.AppKey("auth_stage", object)
+REQUEST_OBSERVER = web.AppKey("request_observer", object)
+HTTP_SETTINGS = web.AppKey("http_settings", object)
+
+_UNKNOWN_ROUTE = RouteSpec(name="unknown")
+_METHOD_NOT_ALLOWED_ROUTE = RouteSpec(name="method_not_allowed")
+
+
+def content_md5(body: bytes) -> str:
+    """Return the base64 MD5 digest CloudAPI puts in Content-MD5."""
+    return base64.b64encode(hashlib.md5(body).digest()).decode("ascii")
+
+
+def error_body(error: CloudApiError) -> bytes:
+    return orjson.dumps({"code": error.code, "message": error.message})
+
+
+def request_id_for(request: web.Request) -> str:
+    """Echo the caller's Request-Id or X-Request-Id when it is sane, else make a UUID."""
+    headers = request.headers
+    for name in ("Request-Id", "X-Request-Id"):
+        value = headers.get(name)
+        if value is not None:
+            if _REQUEST_ID.match(value):
+                return value
+            break
+    return str(uuid.uuid4())
+
+
+def negotiate_version(request: web.Request) -> None:
+    """Pick the API version from the version headers or raise InvalidVersion."""
+    version_range = requested_range(request.headers)
+    version = negotiate(version_range)
+    if version is None:
+        raise InvalidVersion(f"{version_range} is not supported by {request.method} {request.rel_url.raw_path}")
+    request[API_VERSION] = version
+
+
+def _accepts_json(accept: str) -> bool:
+    for part in accept.split(","):
+        media, _, params = part.partition(";")
+        media = media.strip().lower()
+        if media not in _ACCEPTABLE:
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            return True
+    return False
+
+
+def check_accept(request: web.Request) -> None:
+    """Refuse an Accept header that excludes application/json."""
+    accept = request.headers.get(hdrs.ACCEPT)
+    if accept is not None and accept.strip() and not _accepts_json(accept):
+        raise NotAcceptable(f"Server accepts: {_JSON}")
+
+
+async def check_body(request: web.Request, max_body: int) -> None:
+    """Ignore a small request body; refuse one larger than `max_body` bytes."""
+    if not request.body_exists:
+        return
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise RequestTooLarge(f"request body must not exceed {max_body} bytes")
+    data = await request.content.read(max_body + 1)
+    if len(data) > max_body:
+        raise RequestTooLarge(f"request body must not exceed {max_body} bytes")
+
+
+def build_response(
+    request: web.Request,
+    *,
+    status: int,
+    body: bytes,
+    md5: str | None = None,
+    content_type: str = _JSON,
+    extra: dict[str, str] | None = None,
+) -> web.Response:
+    """Build a response with CloudAPI's full header set.
+
+    HEAD gets the same headers, Content-Length and Content-MD5 as GET, without the body.
+    """
+    request_id = request[REQUEST_ID]
+    api_version = request.get(API_VERSION, LATEST_VERSION)
+    spec = request[ROUTE]
+    elapsed = str(int((time.monotonic() - request[STARTED]) * 1000))
+    headers = {
+        "Content-Type": content_type,
+        "Content-MD5": md5 if md5 is not None else content_md5(body),
+        "Server": SERVER_HEADER,
+        "Api-Version": api_version,
+        "X-Api-Version": api_version,
+        "Request-Id": request_id,
+        "X-Request-Id": request_id,
+        "Response-Time": elapsed,
+        "X-Response-Time": elapsed,
+        "Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
+        "Access-Control-Allow-Methods": spec.allow_methods,
+        "Access-Control-Expose-Headers": _CORS_EXPOSE_HEADERS,
+    }
+    if extra:
+        headers.update(extra)
+    # For HEAD, aiohttp keeps Content-Length of `body` and does not send the body.
+    return web.Response(status=status, body=body, headers=headers)
+
+
+async def _run_stages(request: web.Request, spec: RouteSpec) -> None:
+    app = request.app
+    if spec.versioned:
+        negotiate_version(request)
+    if spec.json_only:
+        check_accept(request)
+    await check_body(request, app[HTTP_SETTINGS].http_max_body)
+    if spec.authenticated:
+        authenticate = app.get(AUTH_STAGE)
+        if authenticate is not None:
+            await authenticate(request)
+
+
+def _route_error(request: web.Request, exc: web.HTTPException) -> CloudApiError:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(method for method in ("GET", "HEAD") if method in exc.allowed_methods)
+        return MethodNotAllowed(f"{request.method} is not allowed", headers={"Allow": allowed})
+    return ResourceNotFound(f"{request.rel_url.raw_path} does not exist")
+
+
+def _preflight(request: web.Request) -> bool:
+    headers = request.headers
+    return (
+        request.method == hdrs.METH_OPTIONS
+        and "Origin" in headers
+        and headers.get("Access-Control-Request-Method", "").upper() in ("GET", "HEAD")
+    )
+
+
+@web.middleware
+async def pipeline_middleware(request: web.Request, handler) -> web.StreamResponse:
+    started = time.monotonic()
+    request[REQUEST_ID] = request_id_for(request)
+    match_info = request.match_info
+    route_exception = match_info.http_exception
+    spec = _UNKNOWN_ROUTE
+    if route_exception is None:
+        spec = request.app[ROUTE_SPECS].get(match_info.route.resource.canonical, _UNKNOWN_ROUTE)
+    elif isinstance(route_exception, web.HTTPMethodNotAllowed):
+        spec = _METHOD_NOT_ALLOWED_ROUTE
+    request[STARTED] = started
+    request[ROUTE] = spec
+
+    error: CloudApiError | None = None
+    response: web.StreamResponse | None = None
+    try:
+        if route_exception is not None:
+            if _preflight(request):
+                response = build_response(request, status=200, body=b"")
+            else:
+                error = _route_error(request, route_exception)
+        else:
+            await _run_stages(request, spec)
+            response = await handler(request)
+    except CloudApiError as exc:
+        error = exc
+    except DatabaseUnavailable as exc:
+        log.warning("database_unavailable", error=str(exc), request_id=request[REQUEST_ID])
+        error = ServiceUnavailable(headers={"Retry-After": "1"})
+    except web.HTTPException as exc:
+        # Raised by aiohttp itself (for example a malformed body); keep its status.
+        error = CloudApiError(exc.reason)
+        error.status = exc.status
+        error.code = "BadRequestError" if 400 <= exc.status < 500 else "InternalError"
+    except Exception:
+        log.exception("request_failed", request_id=request[REQUEST_ID], method=request.method, path=request.path)
+        error = InternalError()
+
+    if error is not None:
+        response = build_response(request, status=error.status, body=error_body(error), extra=error.headers)
+
+    observer = request.app.get(REQUEST_OBSERVER)
+    if observer is not None:
+        observer(request, spec, response.status, time.monotonic() - started, error)
+    return response

@@ -1,0 +1,1 @@
+"""SQL of the service: numbered migrations and the named queries, shipped as package data."""

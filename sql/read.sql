@@ -1,0 +1,11 @@
+-- Queries of the API. Each starts with a "-- name:" line and a one-line purpose.
+
+-- name: get_image
+-- Fetch the fields an answer and the visibility rules need; tombstones come back too.
+SELECT revision, deleted, owner, public, state, acl, manifest::text AS manifest
+FROM images
+WHERE uuid = $1;
+
+-- name: ping_database
+-- Check that the database answers, for readiness.
+SELECT 1;
