@@ -70,12 +70,11 @@ class RouteSpec:
 
 
 # Request keys set by the pipeline for the stages and handlers after it.
-REQUEST_ID = "cloudapi.request_id"
-STARTED = "cloudapi.started"
-ROUTE = "cloudapi.route"
-API_VERSION = "cloudapi.api_version"
-CALLER = "cloudapi.caller"
-LOG_FIELDS = "cloudapi.log_fields"
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)
+ROUTE = web.RequestKey("route", RouteSpec)
+API_VERSION = web.RequestKey("api_version", str)
+CALLER = web.RequestKey("caller", object)
 
 ROUTE_SPECS = web.AppKey("route_specs", dict)
 AUTH_STAGE = web.AppKey("auth_stage", object)

@@ -178,7 +178,10 @@ def decode(body: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:
         raise InvalidEvent(Rejection.SCHEMA_VIOLATION, exc.message) from None
 
     event_type = document["type"]
-    time = parse_time(document["time"])
+    try:
+        time = parse_time(document["time"])
+    except ValueError as exc:
+        raise InvalidEvent(Rejection.SCHEMA_VIOLATION, f"data.time is not a valid date and time: {exc}") from None
     if event_type.startswith("image."):
         return _image_event(document, event_type, time)
     return _account_event(document, event_type, time)

@@ -1,0 +1,218 @@
+"""The whole path: events published to RabbitMQ become GetImage answers from Postgres."""
+
+from pathlib import Path
+
+import aio_pika
+import orjson
+import pytest
+
+from tests.conftest import AMQP_URL
+from tests.helpers import manifest, new_uuid, wait_until
+from workers.producer import image_event
+from workers.seed import lifecycle_events, read_manifests
+
+REAL_MANIFESTS = Path(__file__).parents[1] / "data" / "real-manifests.jsonl"
+
+
+@pytest.fixture
+def get(api, http):
+    async def fetch(image_uuid: str, version: str = "~9"):
+        async with http.get(f"{api}/my/images/{image_uuid}", headers={"Accept-Version": version}) as response:
+            return response.status, orjson.loads(await response.read())
+
+    return fetch
+
+
+async def _state_becomes(get, image_uuid, state):
+    async def check():
+        status, body = await get(image_uuid)
+        return status == 200 and body.get("state") == state
+
+    await wait_until(check, message=f"image {image_uuid} to be {state}")
+
+
+async def _is_gone(get, image_uuid):
+    async def check():
+        status, _ = await get(image_uuid)
+        return status == 404
+
+    await wait_until(check, message=f"image {image_uuid} to be gone")
+
+
+async def test_created_then_activated(worker, publisher, get):
+    image = manifest()
+    for event in lifecycle_events(image):
+        await publisher.publish(event)
+
+    await _state_becomes(get, image["uuid"], "active")
+
+    status, body = await get(image["uuid"])
+    assert status == 200
+    assert body["published_at"] == image["published_at"]
+
+
+async def test_created_then_failed_with_error(worker, publisher, get):
+    image = manifest(state="failed", error={"code": "VmHasNoOrigin", "message": "vm has no origin"}, public=False)
+    for event in lifecycle_events(image):
+        await publisher.publish(event)
+
+    await _state_becomes(get, image["uuid"], "failed")
+
+    _, body = await get(image["uuid"])
+    assert body["error"] == {"code": "VmHasNoOrigin", "message": "vm has no origin"}
+
+
+async def test_activated_then_disabled(worker, publisher, get):
+    image = manifest()
+    await publisher.publish(image_event("image.activated", image, revision=1))
+    await _state_becomes(get, image["uuid"], "active")
+
+    await publisher.publish(image_event("image.disabled", {**image, "state": "disabled", "disabled": True}, revision=2))
+
+    await _state_becomes(get, image["uuid"], "disabled")
+
+
+async def test_deleted_image_answers_404(worker, publisher, get):
+    image = manifest()
+    await publisher.publish(image_event("image.activated", image, revision=1))
+    await _state_becomes(get, image["uuid"], "active")
+
+    await publisher.publish(image_event("image.deleted", image_uuid=image["uuid"], revision=2))
+
+    await _is_gone(get, image["uuid"])
+    status, body = await get(image["uuid"])
+    assert status == 404
+    assert body == {"code": "ResourceNotFound", "message": f"image {image['uuid']} not found"}
+
+
+async def test_duplicate_and_older_events_leave_the_newer_state(worker, publisher, get, db_pool):
+    image = manifest(name="first")
+    newer = image_event("image.updated", {**image, "name": "newer"}, revision=5)
+    await publisher.publish(image_event("image.activated", image, revision=1))
+    await publisher.publish(newer)
+    await publisher.publish(newer)  # the same event twice
+    await publisher.publish(image_event("image.updated", {**image, "name": "older"}, revision=3))
+    marker = image_event("image.updated", {**image, "name": "marker"}, revision=6)
+    await publisher.publish(marker)
+
+    await wait_until(lambda: _name_is(get, image["uuid"], "marker"), message="the marker revision")
+
+    revisions = await db_pool.fetch(
+        "SELECT revision, outcome FROM event_log WHERE subject_uuid = $1 ORDER BY seq", image["uuid"]
+    )
+    # Each event is logged once. Events that share a batch with a newer revision of the
+    # same image are logged as stale, so only 3 (older than 5) and 6 (newest) are certain.
+    assert [row["revision"] for row in revisions] == [1, 5, 3, 6]
+    outcomes = {row["revision"]: row["outcome"] for row in revisions}
+    assert (outcomes[3], outcomes[6]) == ("stale", "applied")
+
+
+async def _name_is(get, image_uuid, name):
+    status, body = await get(image_uuid)
+    return status == 200 and body.get("name") == name
+
+
+async def test_late_event_does_not_resurrect_a_deleted_image(worker, publisher, get, db_pool):
+    image = manifest()
+    await publisher.publish(image_event("image.activated", image, revision=1))
+    await publisher.publish(image_event("image.deleted", image_uuid=image["uuid"], revision=3))
+    await publisher.publish(image_event("image.updated", {**image, "name": "late"}, revision=2))
+    await _is_gone(get, image["uuid"])
+
+    async def late_event_recorded():
+        return await db_pool.fetchval("SELECT outcome FROM event_log WHERE subject_uuid = $1 AND revision = 2", image["uuid"])
+
+    assert await wait_until(late_event_recorded, message="the late event") == "stale"
+    status, _ = await get(image["uuid"])
+    assert status == 404
+    row = await db_pool.fetchrow("SELECT deleted, revision FROM images WHERE uuid = $1", image["uuid"])
+    assert (row["deleted"], row["revision"]) == (True, 3)
+
+
+async def test_recreation_after_delete_with_higher_revision(worker, publisher, get):
+    image = manifest()
+    await publisher.publish(image_event("image.activated", image, revision=1))
+    await publisher.publish(image_event("image.deleted", image_uuid=image["uuid"], revision=2))
+    await _is_gone(get, image["uuid"])
+
+    await publisher.publish(image_event("image.created", {**image, "state": "unactivated", "name": "again"}, revision=3))
+
+    await wait_until(lambda: _name_is(get, image["uuid"], "again"), message="the re-created image")
+
+
+async def _dead_letters(settings, count: int, *, timeout: float = 20.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take `count` messages from this run's dead-letter queue."""
+    import asyncio
+    import time
+
+    connection = await aio_pika.connect(AMQP_URL)
+    taken = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(settings.dead_letter_queue)
+        deadline = time.monotonic() + timeout
+        while len(taken) < count:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"only {len(taken)} of {count} dead letters arrived in {timeout}s")
+                await asyncio.sleep(0.05)
+                continue
+            taken.append(message)
+    finally:
+        await connection.close()
+    return taken
+
+
+async def test_malformed_and_invalid_events_are_dead_lettered(worker, publisher, settings, get):
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(settings.amqp_exchange)
+        await exchange.publish(aio_pika.Message(b"{this is not json", message_id="poison-json"), routing_key="image.created")
+        invalid = image_event("image.created", manifest(), revision=1)
+        invalid["revision"] = "one"
+        await exchange.publish(aio_pika.Message(orjson.dumps(invalid), message_id="poison-schema"), routing_key="image.created")
+    finally:
+        await connection.close()
+    good = manifest()
+    await publisher.publish(image_event("image.activated", good, revision=1))
+
+    await _state_becomes(get, good["uuid"], "active")
+
+    letters = await _dead_letters(settings, 2)
+    reasons = {message.message_id: message.headers["x-rejection-reason"] for message in letters}
+    assert reasons == {"poison-json": "not_json", "poison-schema": "schema_violation"}
+    schema_letter = next(message for message in letters if message.message_id == "poison-schema")
+    assert "revision" in schema_letter.headers["x-rejection-detail"]
+    assert schema_letter.headers["x-original-routing-key"] == "image.created"
+    assert orjson.loads(schema_letter.body) == invalid
+
+
+async def test_all_real_manifests_load(worker, publisher, get):
+    manifests = list(read_manifests(REAL_MANIFESTS))
+    assert len(manifests) == 309
+    events = [event for image in manifests for event in lifecycle_events(image)]
+    await publisher.publish_many(events)
+
+    async def all_visible():
+        for image in reversed(manifests):
+            status, _ = await get(image["uuid"])
+            if status != 200:
+                return False
+        return True
+
+    await wait_until(all_visible, timeout=60, interval=0.2, message="all 309 real images")
+
+    for image in manifests:
+        status, body = await get(image["uuid"])
+        assert status == 200, image["uuid"]
+        assert body["id"] == image["uuid"]
+        assert body["name"] == image["name"]
+        assert body["version"] == image["version"]
+        assert body["os"] == image["os"]
+        assert body["type"] == image["type"]
+        if "published_at" in image:
+            assert body["published_at"] == image["published_at"]
+        if "owner" in image:
+            assert body["owner"] == image["owner"]
