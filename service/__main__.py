@@ -19,7 +19,71 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the HTTP API (the default)")
     commands.add_parser("migrate", help="apply pending database migrations, then exit")
+
+    accounts = commands.add_parser("accounts", help="manage accounts and their SSH keys")
+    actions = accounts.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="create an account (or rename the account --uuid)")
+    add.add_argument("login")
+    add.add_argument("--uuid", help="account UUID (default: a new random one)")
+    add_key = actions.add_parser("add-key", help="register an OpenSSH public key (RSA, ECDSA or Ed25519)")
+    add_key.add_argument("login", help="login or account UUID")
+    add_key.add_argument("key", help="a .pub file, or the key text itself ('ssh-ed25519 AAAA...')")
+    add_key.add_argument("--name", help="key name (default: its MD5 fingerprint)")
+    remove_key = actions.add_parser("remove-key", help="remove a key by name or fingerprint")
+    remove_key.add_argument("login", help="login or account UUID")
+    remove_key.add_argument("key", help="key name, MD5 fingerprint or SHA256 fingerprint")
+    actions.add_parser("list", help="list accounts")
+    keys = actions.add_parser("keys", help="list an account's keys")
+    keys.add_argument("login", help="login or account UUID")
+    for name, text in (
+        ("disable", "disable an account: its requests get 403"),
+        ("enable", "enable a disabled account"),
+        ("remove", "remove all keys of an account and disable it"),
+    ):
+        actions.add_parser(name, help=text).add_argument("login", help="login or account UUID")
     return parser
+
+
+def _key_text(argument: str) -> str:
+    """Return the key text of `argument`, reading it from a file when it names one."""
+    if argument.lstrip().startswith(("ssh-", "ecdsa-")):
+        return argument
+    with open(argument, encoding="utf-8") as handle:
+        return handle.read()
+
+
+async def _accounts(settings, args) -> int:
+    import asyncpg
+
+    from service import accounts
+
+    connection = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    try:
+        if args.action == "add":
+            account_uuid = await accounts.add_account(connection, args.login, args.uuid)
+            print(f"{args.login} {account_uuid}")
+        elif args.action == "add-key":
+            key = await accounts.add_key(connection, args.login, _key_text(args.key), args.name)
+            print(f"added {key.key_type} key {args.name or key.md5_fingerprint} ({key.md5_fingerprint}, {key.sha256_fingerprint})")
+        elif args.action == "remove-key":
+            name = await accounts.remove_key(connection, args.login, args.key)
+            print(f"removed key {name}")
+        elif args.action == "list":
+            for row in await accounts.list_accounts(connection):
+                state = "disabled" if row["disabled"] else "enabled"
+                print(f"{row['login']}\t{row['uuid']}\t{state}\t{row['keys']} keys")
+        elif args.action == "keys":
+            for row in await accounts.list_keys(connection, args.login):
+                print(f"{row['name']}\t{row['key_type']}\t{row['md5_fingerprint']}\t{row['sha256_fingerprint']}")
+        elif args.action in ("disable", "enable"):
+            await accounts.set_disabled(connection, args.login, args.action == "disable")
+            print(f"{args.action}d {args.login}")
+        elif args.action == "remove":
+            await accounts.remove_account(connection, args.login)
+            print(f"removed the keys of {args.login} and disabled it")
+    finally:
+        await connection.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m service migrate: failed: {exc}", file=sys.stderr)
             return 1
         return 0
+
+    if args.command == "accounts":
+        from service.accounts import AccountError
+
+        try:
+            return asyncio.run(_accounts(settings, args))
+        except (AccountError, OSError) as exc:
+            print(f"python -m service accounts {args.action}: {exc}", file=sys.stderr)
+            return 1
 
     from service.app import run
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from service import db, logs
 from service.http import (
+    AUTH_STAGE,
     CALLER,
     HTTP_SETTINGS,
     REQUEST_ID,
@@ -22,7 +23,9 @@ from service.http import (
     ROUTE_SPECS,
     pipeline_middleware,
 )
-from service.notify import IMAGE_CHANNEL, ChangeListener
+from service.auth import stage as auth_stage
+from service.auth.store import KeyStore
+from service.notify import ACCOUNT_CHANNEL, IMAGE_CHANNEL, ChangeListener
 from service.routes import IMAGE_STORE, SHUTTING_DOWN, add_routes
 from service.settings import Settings
 from service.storage import ImageStore
@@ -68,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SHUTTING_DOWN] = {"value": False}
     app[ROUTE_SPECS] = add_routes(app)
     app[REQUEST_OBSERVER] = _access_logger(settings)
+    app[AUTH_STAGE] = auth_stage.authenticate
     app.cleanup_ctx.append(_database_context)
     return app
 
@@ -81,11 +85,15 @@ async def _database_context(app: web.Application):
         application_name="cloudapi-images-api",
     )
     store = ImageStore(pool, query_timeout=settings.db_query_timeout, cache_size=settings.cache_max_images)
+    keys = KeyStore(pool, query_timeout=settings.db_query_timeout)
+    auth_stage.prepare()
     listener = ChangeListener(settings.database_url, connect_timeout=settings.db_connect_timeout)
     listener.subscribe(IMAGE_CHANNEL, store)
+    listener.subscribe(ACCOUNT_CHANNEL, keys)
     listener.start()
     app[POOL] = pool
     app[IMAGE_STORE] = store
+    app[auth_stage.KEY_STORE] = keys
     app[LISTENER] = listener
     yield
     await listener.stop()

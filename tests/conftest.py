@@ -32,7 +32,7 @@ from workers.contract import decode
 from workers.producer import EventPublisher, image_event
 from workers.projector import apply_batch
 
-from tests.helpers import DEFAULT_TIMEOUT
+from tests.helpers import ACCOUNT_UUIDS, DEFAULT_TIMEOUT, TestAccount, openssh_public
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -154,3 +154,18 @@ async def store_manifests(pool: asyncpg.Pool, *manifests: dict[str, Any], revisi
 def capture_logs():
     with structlog.testing.capture_logs() as captured:
         yield captured
+
+
+@pytest.fixture(scope="session")
+async def accounts(db_pool) -> dict[str, TestAccount]:
+    """alice, bob and carol, plus dave (disabled), each with a key of every type."""
+    from service import accounts as account_commands
+
+    people = {login: TestAccount(login, account_uuid) for login, account_uuid in ACCOUNT_UUIDS.items()}
+    async with db_pool.acquire() as connection:
+        for person in people.values():
+            await account_commands.add_account(connection, person.login, person.uuid)
+            for name, private_key in person.keys.items():
+                await account_commands.add_key(connection, person.login, openssh_public(private_key), name)
+        await account_commands.set_disabled(connection, "dave", True)
+    return people

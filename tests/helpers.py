@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: bounded waits, request signing later, and the images
-the CloudAPI behaviour cases are written against."""
+"""Helpers shared by the tests: bounded waits, test accounts that sign requests, and the
+images the CloudAPI behaviour cases are written against."""
 
 from __future__ import annotations
 
@@ -10,11 +10,25 @@ import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from service.auth.client import sign_headers
+from service.auth.keys import parse_public_key
 
 DEFAULT_TIMEOUT = 20.0  # seconds any wait in a test may take before it fails
 
 OPERATOR = "930896af-bf8c-48d4-885c-6573a94b1853"  # the "admin" owner of public images
+
+# The accounts of the test run (registered by the `accounts` fixture); dave is disabled.
+ALICE_UUID = "a11ce000-0000-4000-8000-00000000000a"
+BOB_UUID = "b0b00000-0000-4000-8000-00000000000b"
+CAROL_UUID = "ca201000-0000-4000-8000-00000000000c"
+DAVE_UUID = "da7e0000-0000-4000-8000-00000000000d"
+ACCOUNT_UUIDS = {"alice": ALICE_UUID, "bob": BOB_UUID, "carol": CAROL_UUID, "dave": DAVE_UUID}
 
 # The image of CloudAPI's GetImage documentation example; with `Accept-Version: ~8` its
 # answer must be exactly PUB_BODY (609 bytes, Content-MD5 42n5PWY5xZP0lnjdMb7Omg==).
@@ -102,3 +116,46 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
         await asyncio.sleep(interval)
+
+
+# Accounts of the tests, with one private key of every supported type.
+
+def _generate_keys() -> dict[str, object]:
+    return {
+        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ecdsa-p256": ec.generate_private_key(ec.SECP256R1()),
+        "ecdsa-p384": ec.generate_private_key(ec.SECP384R1()),
+        "ecdsa-p521": ec.generate_private_key(ec.SECP521R1()),
+        "ed25519": ed25519.Ed25519PrivateKey.generate(),
+    }
+
+
+def openssh_public(private_key) -> str:
+    return private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+@dataclass
+class TestAccount:
+    """An account of the test run and its private keys, registered under their type names."""
+
+    __test__ = False  # not a test class, despite the name
+
+    login: str
+    uuid: str = field(default_factory=new_uuid)
+    keys: dict[str, object] = field(default_factory=_generate_keys)
+
+    def fingerprint(self, key: str = "rsa") -> str:
+        return parse_public_key(openssh_public(self.keys[key])).md5_fingerprint
+
+    def sha256(self, key: str = "rsa") -> str:
+        return parse_public_key(openssh_public(self.keys[key])).sha256_fingerprint
+
+    def sign(self, method: str, target: str, *, key: str = "rsa", key_id: str | None = None, **options) -> dict[str, str]:
+        """Return Date and Authorization headers; the keyId names the key by its type name."""
+        return sign_headers(
+            self.keys[key],
+            key_id=key_id or f"/{self.login}/keys/{key}",
+            method=method,
+            target=target,
+            **options,
+        )

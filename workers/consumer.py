@@ -67,6 +67,8 @@ class Worker:
     ):
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
+        if apply_account_event is None:
+            from service.accounts import apply_account_event
         self._apply_account_event = apply_account_event
         self._connection: AbstractRobustConnection | None = None
         self._channel = None

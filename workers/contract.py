@@ -18,6 +18,8 @@ from typing import Any
 import fastjsonschema
 import orjson
 
+from service.auth.keys import InvalidKey, parse_public_key
+
 CONTRACT_VERSION = 1
 
 IMAGE_EVENT_TYPES = (
@@ -55,6 +57,7 @@ class Rejection(enum.StrEnum):
     TOO_DEEP = "too_deep"
     SCHEMA_VIOLATION = "schema_violation"
     MANIFEST_MISMATCH = "manifest_mismatch"
+    INVALID_KEY = "invalid_key"
 
 
 class InvalidEvent(Exception):
@@ -227,6 +230,11 @@ def _image_event(document: dict[str, Any], event_type: str, time: datetime) -> I
 def _account_event(document: dict[str, Any], event_type: str, time: datetime) -> AccountEvent:
     account = document.get("account") or {}
     key = document.get("key") or {}
+    if event_type == "account.key.added":
+        try:
+            parse_public_key(key["public_key"])
+        except InvalidKey as exc:
+            raise InvalidEvent(Rejection.INVALID_KEY, f"data.key.public_key: {exc}") from None
     return AccountEvent(
         event_id=document["event_id"],
         type=event_type,

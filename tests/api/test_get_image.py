@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import PUB, PUB_BODY, PUB_MD5, PUB_UUID, REMOVE, manifest, md5_base64, new_uuid
+from tests.helpers import ALICE_UUID, PUB, PUB_BODY, PUB_MD5, PUB_UUID, REMOVE, manifest, md5_base64, new_uuid
 
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -45,9 +45,9 @@ ZVOL = manifest(
     image_size=10240,
     requirements={"min_ram": 512, "max_ram": 8192, "brand": "kvm", "networks": [{"name": "net0", "description": "public"}], "ssh_key": True},
 )
-FAIL1 = manifest(state="failed", error={"code": "PrepareImageDidNotRun", "message": "m1", "stack": "s"}, type="null", os="null", files=[], published_at=REMOVE, public=False)
-FAIL2 = manifest(state="failed", error={"code": "VmNotStopped", "message": "m2"}, public=False)
-CREATING = manifest(state="creating", type="null", os="null", files=[], published_at=REMOVE, public=False, description="in progress")
+FAIL1 = manifest(owner=ALICE_UUID, state="failed", error={"code": "PrepareImageDidNotRun", "message": "m1", "stack": "s"}, type="null", os="null", files=[], published_at=REMOVE, public=False)
+FAIL2 = manifest(owner=ALICE_UUID, state="failed", error={"code": "VmNotStopped", "message": "m2"}, public=False)
+CREATING = manifest(owner=ALICE_UUID, state="creating", type="null", os="null", files=[], published_at=REMOVE, public=False, description="in progress")
 PUBDIS = manifest(state="disabled", disabled=True)
 
 

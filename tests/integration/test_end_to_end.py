@@ -7,18 +7,27 @@ import orjson
 import pytest
 
 from tests.conftest import AMQP_URL
-from tests.helpers import manifest, new_uuid, wait_until
+from service import accounts as account_commands
+from tests.helpers import ALICE_UUID, TestAccount, manifest, openssh_public, wait_until
 from workers.producer import image_event
 from workers.seed import lifecycle_events, read_manifests
 
 REAL_MANIFESTS = Path(__file__).parents[1] / "data" / "real-manifests.jsonl"
 
 
+async def _fetch(api, http, account, image_uuid: str, version: str = "~9"):
+    path = f"/my/images/{image_uuid}"
+    headers = {"Accept-Version": version, **account.sign("GET", path, key="ed25519")}
+    async with http.get(api + path, headers=headers) as response:
+        return response.status, orjson.loads(await response.read())
+
+
 @pytest.fixture
-def get(api, http):
+def get(api, http, accounts):
+    """GetImage as alice."""
+
     async def fetch(image_uuid: str, version: str = "~9"):
-        async with http.get(f"{api}/my/images/{image_uuid}", headers={"Accept-Version": version}) as response:
-            return response.status, orjson.loads(await response.read())
+        return await _fetch(api, http, accounts["alice"], image_uuid, version)
 
     return fetch
 
@@ -52,7 +61,7 @@ async def test_created_then_activated(worker, publisher, get):
 
 
 async def test_created_then_failed_with_error(worker, publisher, get):
-    image = manifest(state="failed", error={"code": "VmHasNoOrigin", "message": "vm has no origin"}, public=False)
+    image = manifest(owner=ALICE_UUID, state="failed", error={"code": "VmHasNoOrigin", "message": "vm has no origin"}, public=False)
     for event in lifecycle_events(image):
         await publisher.publish(event)
 
@@ -135,7 +144,9 @@ async def test_recreation_after_delete_with_higher_revision(worker, publisher, g
     await publisher.publish(image_event("image.deleted", image_uuid=image["uuid"], revision=2))
     await _is_gone(get, image["uuid"])
 
-    await publisher.publish(image_event("image.created", {**image, "state": "unactivated", "name": "again"}, revision=3))
+    await publisher.publish(
+        image_event("image.created", {**image, "owner": ALICE_UUID, "state": "unactivated", "name": "again"}, revision=3)
+    )
 
     await wait_until(lambda: _name_is(get, image["uuid"], "again"), message="the re-created image")
 
@@ -189,30 +200,66 @@ async def test_malformed_and_invalid_events_are_dead_lettered(worker, publisher,
     assert orjson.loads(schema_letter.body) == invalid
 
 
-async def test_all_real_manifests_load(worker, publisher, get):
+async def _owner_accounts(db_pool, manifests) -> dict[str, TestAccount]:
+    """Register an account (with an Ed25519 key) for every owner that is a UUID."""
+    from workers.contract import EVENT_SCHEMA, OPERATOR_UUID
+
+    import re
+
+    uuid_pattern = re.compile(EVENT_SCHEMA["definitions"]["uuid"]["pattern"])
+    owners = {image.get("owner", OPERATOR_UUID) for image in manifests}
+    people = {}
+    async with db_pool.acquire() as connection:
+        for index, owner in enumerate(sorted(owner for owner in owners if uuid_pattern.match(owner))):
+            person = TestAccount(f"owner{index}", owner)
+            person.keys = {"ed25519": person.keys["ed25519"]}
+            await account_commands.add_account(connection, person.login, owner)
+            await account_commands.add_key(connection, person.login, openssh_public(person.keys["ed25519"]), "ed25519")
+            people[owner] = person
+    return people
+
+
+async def test_all_real_manifests_load(worker, publisher, api, http, accounts, db_pool):
     manifests = list(read_manifests(REAL_MANIFESTS))
     assert len(manifests) == 309
+    owners = await _owner_accounts(db_pool, manifests)
+    stranger = accounts["carol"]
     events = [event for image in manifests for event in lifecycle_events(image)]
+    final_revisions = {event["image_uuid"]: event["revision"] for event in events}
     await publisher.publish_many(events)
 
-    async def all_visible():
-        for image in reversed(manifests):
-            status, _ = await get(image["uuid"])
-            if status != 200:
-                return False
-        return True
+    async def all_stored():
+        rows = await db_pool.fetch("SELECT uuid, revision FROM images WHERE uuid = ANY($1::uuid[])", list(final_revisions))
+        return {str(row["uuid"]): row["revision"] for row in rows} == final_revisions
 
-    await wait_until(all_visible, timeout=60, interval=0.2, message="all 309 real images")
+    await wait_until(all_stored, timeout=60, interval=0.1, message="all 309 real images")
 
+    hidden = 0
     for image in manifests:
-        status, body = await get(image["uuid"])
-        assert status == 200, image["uuid"]
-        assert body["id"] == image["uuid"]
-        assert body["name"] == image["name"]
-        assert body["version"] == image["version"]
-        assert body["os"] == image["os"]
-        assert body["type"] == image["type"]
-        if "published_at" in image:
-            assert body["published_at"] == image["published_at"]
-        if "owner" in image:
-            assert body["owner"] == image["owner"]
+        owner = image.get("owner", "00000000-0000-0000-0000-000000000000")
+        visible_to_all = image.get("public", False) and image.get("state", "active") in ("active", "disabled")
+        if owner in owners:
+            status, body = await _fetch(api, http, owners[owner], image["uuid"])
+            assert status == 200, image["uuid"]
+            assert body["id"] == image["uuid"]
+            assert body["name"] == image["name"]
+            assert body["version"] == image["version"]
+            assert body["os"] == image["os"]
+            assert body["type"] == image["type"]
+            assert body["owner"] == owner
+            if "published_at" in image:
+                assert body["published_at"] == image["published_at"]
+        else:
+            # A few real owners are not UUIDs, so no account can own them; all are public.
+            assert visible_to_all, image["uuid"]
+        status, body = await _fetch(api, http, stranger, image["uuid"])
+        if visible_to_all:
+            assert status == 200, image["uuid"]
+            assert (body["id"], body["name"], body["version"], body["os"], body["type"]) == (
+                image["uuid"], image["name"], image["version"], image["os"], image["type"]
+            )
+        else:
+            hidden += 1
+            assert status == 404
+            assert body == {"code": "ResourceNotFound", "message": f"image {image['uuid']} not found"}
+    assert hidden == 18

@@ -1,0 +1,127 @@
+"""The authentication stage of the request pipeline: establish who is calling.
+
+It only sets `request[CALLER]`; every failure is raised as a CloudAPI error and answered
+by the pipeline. An unknown login, an unknown key and a wrong signature get the same
+401, after the same amount of work (a signature check against a stand-in key), so the
+answer does not tell which logins or keys exist. A disabled account is reported only
+after its signature verified, for the same reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from service.auth.keys import PublicKey, parse_public_key
+from service.auth.signature import RequestView, parse_authorization
+from service.auth.store import KeyStore
+from service.errors import InvalidCredentials, NotAuthorized
+from service.http import CALLER, REQUEST_ID
+
+log = structlog.get_logger("auth")
+
+KEY_STORE = web.AppKey("key_store", KeyStore)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated account of a request."""
+
+    uuid: str
+    login: str
+    key_id: str
+
+
+def parse_key_id(key_id: str) -> tuple[str, str]:
+    """Split `/LOGIN/keys/KEY` into (LOGIN, KEY); LOGIN may be the account UUID."""
+    parts = key_id.split("/")
+    if len(parts) == 4 and parts[0] == "" and parts[2] == "keys" and parts[1] and parts[3]:
+        return parts[1], parts[3]
+    if len(parts) == 6 and parts[0] == "" and parts[4] == "keys":
+        raise InvalidCredentials(
+            f"Invalid KeyId {key_id} in authorization header: sub-user keys are not supported, sign with an account key"
+        )
+    raise InvalidCredentials(f"Invalid KeyId {key_id} in authorization header")
+
+
+def _stand_in_keys() -> dict[str, PublicKey]:
+    """Keys of each type that verify nothing: checked when the real key is unknown."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    ec_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    ed_key = ed25519.Ed25519PrivateKey.generate().public_key()
+    keys = {}
+    for family, key in (("rsa", rsa_key), ("ecdsa", ec_key), ("ed25519", ed_key)):
+        text = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        keys[family] = parse_public_key(text)
+    return keys
+
+
+_STAND_INS: dict[str, PublicKey] | None = None
+
+
+def prepare() -> None:
+    """Generate the stand-in keys now rather than on the first unknown key."""
+    global _STAND_INS
+    if _STAND_INS is None:
+        _STAND_INS = _stand_in_keys()
+
+
+def _stand_in(algorithm: str) -> PublicKey:
+    prepare()
+    return _STAND_INS.get(algorithm.partition("-")[0], _STAND_INS["rsa"])
+
+
+def _decode_signature(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _view(request: web.Request) -> RequestView:
+    version = request.version
+    return RequestView(
+        method=request.method,
+        target=request.raw_path,
+        http_version=f"{version.major}.{version.minor}",
+        headers=request.headers,
+    )
+
+
+async def authenticate(request: web.Request) -> None:
+    """Verify the request's HTTP Signature and set `request[CALLER]`, or raise."""
+    credentials = parse_authorization(request.headers.get("Authorization"), _view(request), time.time())
+    account_reference, key_reference = parse_key_id(credentials.key_id)
+
+    account = await request.app[KEY_STORE].find(account_reference)
+    key = account.find_key(key_reference) if account is not None else None
+    signature = _decode_signature(credentials.signature)
+
+    verified = False
+    if key is not None and signature is not None:
+        verified = key.verify(credentials.algorithm, signature, credentials.signing_string)
+    else:
+        _stand_in(credentials.algorithm).verify(credentials.algorithm, signature or b"\0" * 64, credentials.signing_string)
+
+    if not verified:
+        reason = "unknown_account" if account is None else "unknown_key" if key is None else "bad_signature"
+        log.warning(
+            "auth_rejected",
+            reason=reason,
+            key_id=credentials.key_id[:200],
+            algorithm=credentials.algorithm,
+            request_id=request[REQUEST_ID],
+        )
+        raise InvalidCredentials()
+    if account.disabled:
+        log.warning("auth_rejected", reason="account_disabled", login=account.login, request_id=request[REQUEST_ID])
+        raise NotAuthorized("Account or user is disabled")
+    request[CALLER] = Caller(uuid=account.uuid, login=account.login, key_id=credentials.key_id)
+

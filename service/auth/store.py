@@ -1,0 +1,123 @@
+"""Accounts and their keys for signature verification, cached per API process.
+
+The cache holds, per login or account UUID as a `keyId` names it, the account and its
+parsed keys (or the fact that there is no such account). Any change to any account
+flushes it whole, on the `account_changed` notification; account changes are rare and
+a flush is always correct. While the change listener is down nothing is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from service import db
+from service.auth.keys import InvalidKey, PublicKey, parse_public_key
+from service.errors import DatabaseUnavailable
+from service.notify import Subscriber
+
+log = structlog.get_logger("auth")
+
+_QUERIES = db.load_queries("accounts.sql")
+_MD5_LENGTH = 47  # "xx:" * 15 + "xx"
+
+
+@dataclass(slots=True)
+class Account:
+    """An account with its live keys, indexed by every form a keyId may use."""
+
+    uuid: str
+    login: str
+    disabled: bool
+    by_name: dict[str, PublicKey] = field(default_factory=dict)
+    by_md5: dict[str, PublicKey] = field(default_factory=dict)
+    by_sha256: dict[str, PublicKey] = field(default_factory=dict)
+
+    def add_key(self, name: str, key: PublicKey) -> None:
+        self.by_name[name] = key
+        self.by_md5[key.md5_fingerprint] = key
+        self.by_sha256[key.sha256_fingerprint] = key
+
+    def find_key(self, reference: str) -> PublicKey | None:
+        """Find a key by name, MD5 fingerprint (with or without `MD5:`) or `SHA256:` fingerprint."""
+        key = self.by_name.get(reference)
+        if key is not None:
+            return key
+        if reference.startswith("SHA256:"):
+            return self.by_sha256.get(reference.rstrip("="))
+        md5 = reference.removeprefix("MD5:").lower()
+        if len(md5) == _MD5_LENGTH:
+            return self.by_md5.get(md5)
+        return None
+
+
+class _Unknown:
+    """Cache marker: no account (or more than one) has this login or UUID."""
+
+
+UNKNOWN = _Unknown()
+
+
+class KeyStore(Subscriber):
+    """Look up accounts by the login or UUID of a keyId."""
+
+    def __init__(self, pool: asyncpg.Pool, *, query_timeout: float, max_entries: int = 10000):
+        self._pool = pool
+        self._query_timeout = query_timeout
+        self._max_entries = max_entries
+        self._entries: dict[str, Account | _Unknown] = {}
+        self._enabled = False
+        self._generation = 0
+
+    def on_change(self, ids: list[str]) -> None:
+        self.on_flush()
+
+    def on_flush(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._enabled = enabled
+
+    async def find(self, reference: str) -> Account | None:
+        """Return the one account whose login or UUID is `reference`, or None."""
+        if self._enabled:
+            cached = self._entries.get(reference)
+            if cached is not None:
+                return None if cached is UNKNOWN else cached
+        generation = self._generation
+        account = await self._load(reference)
+        if self._enabled and generation == self._generation:
+            if len(self._entries) >= self._max_entries:
+                # Unknown references can be sent at will; a bounded cache stays bounded.
+                self._entries.clear()
+            self._entries[reference] = UNKNOWN if account is None else account
+        return account
+
+    async def _load(self, reference: str) -> Account | None:
+        try:
+            async with asyncio.timeout(self._query_timeout):
+                async with self._pool.acquire() as connection:
+                    rows = await connection.fetch(_QUERIES["find_accounts"], reference)
+        except Exception as exc:
+            if db.is_transient(exc):
+                raise DatabaseUnavailable(repr(exc)) from exc
+            raise
+        accounts: dict[str, Account] = {}
+        for row in rows:
+            uuid = str(row["uuid"])
+            account = accounts.get(uuid)
+            if account is None:
+                account = accounts[uuid] = Account(uuid=uuid, login=row["login"], disabled=row["disabled"])
+            if row["name"] is not None:
+                try:
+                    account.add_key(row["name"], parse_public_key(row["public_key"]))
+                except InvalidKey as exc:
+                    log.error("stored_key_unreadable", account_uuid=uuid, key_name=row["name"], error=str(exc))
+        if len(accounts) > 1:
+            log.warning("login_ambiguous", reference=reference, accounts=sorted(accounts))
+            return None
+        return next(iter(accounts.values()), None)
