@@ -44,6 +44,9 @@ def parse_key_id(key_id: str) -> tuple[str, str]:
     parts = key_id.split("/")
     if len(parts) == 4 and parts[0] == "" and parts[2] == "keys" and parts[1] and parts[3]:
         return parts[1], parts[3]
+    # A SHA256 fingerprint is base64, which may itself contain "/".
+    if len(parts) > 4 and parts[0] == "" and parts[1] and parts[2] == "keys" and parts[3].startswith("SHA256:"):
+        return parts[1], "/".join(parts[3:])
     if len(parts) == 6 and parts[0] == "" and parts[4] == "keys":
         raise InvalidCredentials(
             f"Invalid KeyId {key_id} in authorization header: sub-user keys are not supported, sign with an account key"
