@@ -20,6 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the HTTP API (the default)")
     commands.add_parser("migrate", help="apply pending database migrations, then exit")
 
+    get = commands.add_parser("get", help="send one signed request and print the answer")
+    get.add_argument("url", help="e.g. http://127.0.0.1:8080/my/images/<uuid>")
+    get.add_argument("--account", required=True, help="login to sign as")
+    get.add_argument("--key", required=True, help="unencrypted private key file (OpenSSH or PEM)")
+    get.add_argument("--method", default="GET", choices=["GET", "HEAD"])
+    get.add_argument("-H", "--header", action="append", default=[], help="extra header 'Name: value'")
+    get.add_argument("-i", "--include", action="store_true", help="print the status line and headers")
+
     accounts = commands.add_parser("accounts", help="manage accounts and their SSH keys")
     actions = accounts.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="create an account (or rename the account --uuid)")
@@ -89,6 +97,16 @@ async def _accounts(settings, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "get":
+        from service.auth import get
+
+        try:
+            return get.run(
+                args.url, account=args.account, key_path=args.key, method=args.method, headers=args.header, include=args.include
+            )
+        except (OSError, ValueError) as exc:
+            print(f"python -m service get: {exc}", file=sys.stderr)
+            return 1
     try:
         settings = settings_module.Settings.from_env()
     except settings_module.SettingsError as exc:

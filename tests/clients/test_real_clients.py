@@ -151,11 +151,9 @@ async def test_triton_unknown_key(api, home, tmp_path):
 
 
 @pytest.fixture
-def agent(home):
+def agent(home, tmp_path):
     """An ssh-agent of this test holding every key of `home`; killed by its pid afterwards."""
-    socket_path = home / "agent.sock"
-    if socket_path.exists():
-        socket_path.unlink()
+    socket_path = tmp_path / "agent.sock"
     output = subprocess.run(["ssh-agent", "-s", "-a", str(socket_path)], check=True, capture_output=True, text=True).stdout
     pid = int(output.split("SSH_AGENT_PID=")[1].split(";")[0])
     try:
