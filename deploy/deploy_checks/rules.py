@@ -196,6 +196,13 @@ def _check_api(api: dict, settings: dict, documents: list[dict], problems: list[
     container = pod["containers"][0]
     _check_probes(api, container, problems)
     _check_metrics(api, container, _port(settings, "METRICS_PORT"), problems)
+    http_ports = [
+        port.get("containerPort") for port in container.get("ports", []) if port.get("name") == "http"
+    ]
+    if http_ports != [_port(settings, "HTTP_PORT")]:
+        problems.append(
+            f"{name}: container port http {http_ports} is not HTTP_PORT {settings.get('HTTP_PORT')}"
+        )
     pre_stop = _pre_stop_seconds(container)
     drain = _number(settings.get("HTTP_DRAIN_TIMEOUT"))
     grace = pod.get("terminationGracePeriodSeconds", 30)

@@ -579,6 +579,10 @@ RULE_BREAKS = {
         ),
         "prometheus.io/port 9090 is not 8081",
     ),
+    "http-port-changed": (
+        lambda d: _set(_settings(d), "HTTP_PORT", "8000"),
+        "container port http [8080] is not HTTP_PORT 8000",
+    ),
     "api-host-loopback": (lambda d: _set(_settings(d), "HTTP_HOST", "127.0.0.1"), "HTTP_HOST is '127.0.0.1'"),
     "drain-setting-missing": (
         lambda d: _delete(_settings(d), "HTTP_DRAIN_TIMEOUT"),
