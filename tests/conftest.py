@@ -109,12 +109,18 @@ async def db_pool(database_url):
 
 
 @pytest.fixture(scope="session")
-async def api(settings):
-    """The API on a free loopback port, shared by the session; yields its base URL."""
+async def api_server(settings):
+    """The API on a free loopback port, shared by the session."""
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
+    yield server
     await server.close()
+
+
+@pytest.fixture(scope="session")
+async def api(api_server) -> str:
+    """The base URL of the session's API."""
+    return str(api_server.make_url("")).rstrip("/")
 
 
 @pytest.fixture(scope="session")
