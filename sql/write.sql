@@ -1,5 +1,9 @@
 -- Queries of the workers. Each starts with a "-- name:" line and a one-line purpose.
 
+-- name: share_writers_lock
+-- Take the lock the rebuild command holds exclusively to see a moment with no batch in flight.
+SELECT pg_advisory_xact_lock_shared(1309106414);
+
 -- name: upsert_images
 -- Apply the newest event of each image in a batch, only where it is newer than the row; return the images changed.
 INSERT INTO images AS i (uuid, revision, deleted, owner, public, state, acl, manifest, event_id, event_time, applied_at)

@@ -67,6 +67,7 @@ async def apply_batch(
     outcomes: list[Outcome] = [Outcome.STALE] * len(events)
     changed: list[str] = []
     async with connection.transaction():
+        await connection.execute(_QUERIES["share_writers_lock"])
         winners = _image_winners(events, first_seen)
         if winners:
             rows = [events[index] for index in sorted(winners.values(), key=lambda i: events[i].image_uuid)]
