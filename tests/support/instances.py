@@ -196,7 +196,7 @@ def _kill_leftovers(directory: Path, timeout: float = 10.0) -> None:
     if not _wait_until(lambda: not _pids_inside(directory), timeout):
         raise InstanceError(
             f"processes {_pids_inside(directory)} in {directory} still run "
-            f"{timeout:.0f} s after SIGKILL"
+            f"{timeout:g} s after SIGKILL"
         )
 
 
@@ -432,7 +432,7 @@ class PrivatePostgres:
         if not _wait_until(lambda: not _pids_inside(self.base_dir), self.stop_timeout):
             raise InstanceError(
                 f"PostgreSQL processes {_pids_inside(self.base_dir)} still run "
-                f"{self.stop_timeout:.0f} s after the postmaster was killed"
+                f"{self.stop_timeout:g} s after the postmaster was killed"
             )
 
     def terminate_backends(self) -> int:
@@ -550,7 +550,7 @@ class PrivatePostgres:
             )
         except subprocess.TimeoutExpired as error:
             raise InstanceError(
-                f"initdb timed out after {self.start_timeout:.0f} s in {self.data_dir}"
+                f"initdb timed out after {self.start_timeout:g} s in {self.data_dir}"
             ) from error
         if result.returncode != 0:
             raise InstanceError(
@@ -605,7 +605,7 @@ class PrivatePostgres:
                 self._reap_server()
                 raise InstanceError(
                     f"private PostgreSQL on port {self.port} did not accept connections "
-                    f"within {self.start_timeout:.0f} s; server log {self.log_path}:\n"
+                    f"within {self.start_timeout:g} s; server log {self.log_path}:\n"
                     f"{_tail(self.log_path)}"
                 )
             time.sleep(0.05)
@@ -640,7 +640,7 @@ class PrivatePostgres:
         try:
             self._server.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
-            log.warning("postmaster %d did not exit within %.0f s", self._server.pid, self.stop_timeout)
+            log.warning("postmaster %d did not exit within %g s", self._server.pid, self.stop_timeout)
             return
         self._server = None
 
@@ -659,7 +659,7 @@ class PrivatePostgres:
             )
         except subprocess.TimeoutExpired as error:
             raise InstanceError(
-                f"pg_ctl {action} timed out after {timeout:.0f} s on port {self.port}; "
+                f"pg_ctl {action} timed out after {timeout:g} s on port {self.port}; "
                 f"server log {self.log_path}:\n{_tail(self.log_path)}"
             ) from error
         if result.returncode != 0:
@@ -855,7 +855,7 @@ class PrivateRabbit:
             )
         except subprocess.TimeoutExpired as error:
             raise InstanceError(
-                f"rabbitmqctl {' '.join(args)} timed out after {timeout:.0f} s on node "
+                f"rabbitmqctl {' '.join(args)} timed out after {timeout:g} s on node "
                 f"{self.node_name}; node log {self.log_path}:\n{_tail(self.log_path)}"
             ) from error
         if check and result.returncode != 0:
@@ -926,7 +926,7 @@ class PrivateRabbit:
 
         if not self._wait_for_exit(deadline - time.monotonic()):
             raise InstanceError(
-                f"private RabbitMQ node {self.node_name} still runs {self.stop_timeout:.0f} s "
+                f"private RabbitMQ node {self.node_name} still runs {self.stop_timeout:g} s "
                 f"after the stop request; node log {self.log_path}:\n{_tail(self.log_path)}"
             )
         self._reap_server()
@@ -957,7 +957,7 @@ class PrivateRabbit:
         if not self._wait_for_exit(self.stop_timeout):
             raise InstanceError(
                 f"processes {_pids_inside(self.base_dir)} of node {self.node_name} still run "
-                f"{self.stop_timeout:.0f} s after SIGKILL"
+                f"{self.stop_timeout:g} s after SIGKILL"
             )
         self._reap_server()
 
@@ -1110,7 +1110,7 @@ class PrivateRabbit:
                 self._abort()
                 raise InstanceError(
                     f"private RabbitMQ node {self.node_name} did not start within "
-                    f"{self.start_timeout:.0f} s; node log {self.log_path}:\n"
+                    f"{self.start_timeout:g} s; node log {self.log_path}:\n"
                     f"{_tail(self.log_path)}\noutput:\n{_tail(self.output_path, 10)}"
                 )
             # await_startup waits for a node that epmd already lists, but

@@ -400,3 +400,16 @@ async def test_rabbit_close_cleans_up_after_error() -> None:
     with pytest.raises(InstanceError, match="closed"):
         rabbit.start()
     await assert_shared_services_reachable()
+
+
+@pytest.mark.timeout(RABBIT_TIMEOUT)
+async def test_rabbit_start_timeout_cleans_up() -> None:
+    rabbit = PrivateRabbit(start_timeout=0.5)
+
+    with pytest.raises(InstanceError, match="did not start within 0.5 s") as raised:
+        with rabbit:
+            pass
+
+    assert "node log" in str(raised.value)
+    assert not rabbit.base_dir.exists()
+    await assert_shared_services_reachable()
