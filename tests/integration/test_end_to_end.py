@@ -151,8 +151,8 @@ async def test_recreation_after_delete_with_higher_revision(worker, publisher, g
     await wait_until(lambda: _name_is(get, image["uuid"], "again"), message="the re-created image")
 
 
-async def _dead_letters(settings, count: int, *, timeout: float = 20.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Take `count` messages from this run's dead-letter queue."""
+async def _dead_letters(settings, message_ids: set[str], *, timeout: float = 20.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take the dead letters with `message_ids` from this run's dead-letter queue; others stay."""
     import asyncio
     import time
 
@@ -162,14 +162,17 @@ async def _dead_letters(settings, count: int, *, timeout: float = 20.0) -> list[
         channel = await connection.channel()
         queue = await channel.get_queue(settings.dead_letter_queue)
         deadline = time.monotonic() + timeout
-        while len(taken) < count:
-            message = await queue.get(no_ack=True, fail=False)
-            if message is None:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"only {len(taken)} of {count} dead letters arrived in {timeout}s")
-                await asyncio.sleep(0.05)
+        while len(taken) < len(message_ids):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is not None and message.message_id in message_ids:
+                await message.ack()
+                taken.append(message)
                 continue
-            taken.append(message)
+            if message is not None:
+                await message.nack(requeue=True)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(taken)} of {len(message_ids)} dead letters arrived in {timeout}s")
+            await asyncio.sleep(0.05)
     finally:
         await connection.close()
     return taken
@@ -191,7 +194,7 @@ async def test_malformed_and_invalid_events_are_dead_lettered(worker, publisher,
 
     await _state_becomes(get, good["uuid"], "active")
 
-    letters = await _dead_letters(settings, 2)
+    letters = await _dead_letters(settings, {"poison-json", "poison-schema"})
     reasons = {message.message_id: message.headers["x-rejection-reason"] for message in letters}
     assert reasons == {"poison-json": "not_json", "poison-schema": "schema_violation"}
     schema_letter = next(message for message in letters if message.message_id == "poison-schema")
