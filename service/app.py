@@ -106,7 +106,7 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def begin_shutdown(app: web.Application) -> None:
-    """Mark the app as stopping: /readyz answers 503 from now on."""
+    """Mark the app as stopping, so that /readyz returns 503 from now on."""
     app[SHUTTING_DOWN]["value"] = True
 
 
@@ -150,8 +150,8 @@ async def _sampling_context(app: web.Application):
 async def serve(settings: Settings, *, sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain requests in flight and close the pool.
 
-    With one process this process also serves the metrics on `METRICS_PORT`, until the
-    drain has finished; with several (`sock` comes from the parent) the parent does.
+    With one process, this process also serves the metrics on `METRICS_PORT` until the
+    drain has finished. With several (`sock` comes from the parent), the parent does.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -225,9 +225,9 @@ def _preflight(request: web.Request) -> bool:
 async def pipeline_middleware(request: web.Request, handler) -> web.StreamResponse:
     started = time.monotonic()
     request_id = request[REQUEST_ID] = request_id_for(request)
-    # Every log line of the request carries its id. aiohttp (3.14) runs each request in
-    # a task with a copy of the connection's context; clearing at the end keeps anything
-    # bound during the request from outliving it even if that changes.
+    # Every log line of the request carries its id. aiohttp 3.14 runs each request in a
+    # task of its own with a copy of the connection's context. Clearing at the end keeps
+    # what a request bound from reaching the next one even where that is not so.
     bind_contextvars(request_id=request_id)
     try:
         return await _serve_request(request, handler, started)

@@ -53,6 +53,7 @@ class ApiMetrics:
             buckets=_REQUEST_BUCKETS,
             registry=self.registry,
         )
+
         self.cache_lookups = Counter(
             "cloudapi_images_cache_lookups",
             "Image cache lookups, by result: hit, or miss (a Postgres query).",
@@ -65,6 +66,7 @@ class ApiMetrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+
         self.pool_connections = Gauge(
             "cloudapi_images_db_pool_connections",
             "Connections of the Postgres pool, by state: open, idle, max.",
@@ -72,6 +74,7 @@ class ApiMetrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+
         self.listener_connected = Gauge(
             "cloudapi_images_change_listener_connected",
             "1 while the LISTEN connection that keeps the cache current is up (in every API process).",
@@ -83,6 +86,7 @@ class ApiMetrics:
             "Times the LISTEN connection was lost after it had connected.",
             registry=self.registry,
         )
+
         self._store = None
         self._pool = None
         self._listener = None

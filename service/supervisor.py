@@ -6,8 +6,8 @@ requests), serves their aggregated metrics on `METRICS_PORT`, and waits:
 - on SIGTERM or SIGINT it forwards the signal to every child, waits for them to drain
   and exit, and exits 0 when they all stopped cleanly;
 - when a child exits on its own (a crash, the OOM killer) it stops the others the same
-  way and exits 1, so the orchestrator restarts the whole set instead of leaving the
-  pod serving with fewer processes than configured.
+  way and exits 1. The orchestrator then restarts the whole set, rather than the pod
+  serving on with fewer processes than configured.
 
 Metrics use the library's multiprocess mode: the children write to files in
 `PROMETHEUS_MULTIPROC_DIR` (a new temporary directory when the variable is unset), the

@@ -22,7 +22,7 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: an active consumer, Postgres answering within a second, not stopping."""
+    """Readiness: an active consumer, a Postgres query done within a second, not stopping."""
     worker = request.app[WORKER]
     database = await worker.check_database()
     consumer = worker.consumer_active
@@ -40,8 +40,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    # The consumer gauge is set when the worker starts and cancels its consumer; a lost
-    # broker connection changes no gauge, so read the live state at every scrape.
+    # The worker sets the consumer gauge when it starts or cancels its consumer, but a
+    # lost broker connection changes no gauge. So read the live state at every scrape.
     worker.metrics.consumer_active.set(1 if worker.consumer_active else 0)
     payload = generate_latest(worker.metrics.registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
