@@ -14,6 +14,9 @@ Metrics use the library's multiprocess mode: the children write to files in
 parent clears the directory before they start and drops the gauges of a child that
 exited. One port for the whole pod keeps a single scrape target per pod, which is what
 the `prometheus.io/port` annotation can express.
+
+NOTE: a parent killed with SIGKILL cannot stop its children, which then serve on. In a
+container that does not matter, because the container ends with its first process.
 """
 
 from __future__ import annotations

@@ -111,11 +111,25 @@ class ServiceProcess:
         for reader in self._readers:
             reader.join(timeout=DEFAULT_TIMEOUT)
 
+    def child_pids(self) -> list[int]:
+        """Pids of the children a multi-process API reported starting."""
+        return [pid for line in self.events("api_processes_started") for pid in line["pids"]]
+
     def kill(self) -> None:
-        """End the process by its pid if it still runs (for `finally` blocks)."""
+        """End the process and the children it reported, by their pids (for `finally` blocks).
+
+        SIGTERM first, so that a multi-process API stops its children itself; SIGKILL
+        after DEFAULT_TIMEOUT seconds.
+        """
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=DEFAULT_TIMEOUT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=DEFAULT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=DEFAULT_TIMEOUT)
+        for pid in self.child_pids():
+            kill_child(pid)
         self._join_readers()
         self.process.stdout.close()
         self.process.stderr.close()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import AMQP_URL, store_manifests
 from tests.helpers import DEFAULT_TIMEOUT, manifest, wait_until
-from tests.ops.conftest import ServiceProcess, free_port, kill_child, sample, scrape, wait_for_value
+from tests.ops.conftest import ServiceProcess, free_port, sample, scrape, wait_for_value
 from workers.consumer import Worker
 from workers.health import start_health_server
 from workers.producer import EventPublisher, image_event
@@ -86,11 +86,10 @@ async def test_api_metrics_several_processes(api_env, db_pool, accounts, tmp_pat
     api = ServiceProcess("service", env)
     base = f"http://127.0.0.1:{api_env['HTTP_PORT']}"
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    children: list[int] = []
     # A connection per request, so that the kernel spreads them over both processes.
     fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
     try:
-        children = [line["pid"] for line in await api.wait_for_events("api_started", 2)]
+        await api.wait_for_events("api_started", 2)
         stale_removed = not stale.exists()
         await wait_for_value(fresh, metrics_url, "cloudapi_images_change_listener_connected", 1)
 
@@ -114,8 +113,6 @@ async def test_api_metrics_several_processes(api_env, db_pool, accounts, tmp_pat
         exit_code = await api.wait_exit(timeout=DEFAULT_TIMEOUT)
     finally:
         await fresh.close()
-        for pid in children:
-            kill_child(pid)
         api.kill()
 
     assert stale_removed

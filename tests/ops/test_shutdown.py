@@ -13,7 +13,7 @@ import orjson
 
 from tests.conftest import store_manifests
 from tests.helpers import DEFAULT_TIMEOUT, manifest, wait_until
-from tests.ops.conftest import ServiceProcess, connection_refused, kill_child
+from tests.ops.conftest import ServiceProcess, connection_refused
 
 # Backends of the API's pool (its application_name) that wait for a lock.
 _WAITING_API_QUERIES = """
@@ -98,7 +98,6 @@ async def _count_waiting(pool) -> bool:
 
 async def test_processes_stop_on_sigterm(api_env, http):
     api = ServiceProcess("service", {**api_env, "HTTP_PROCESSES": "2"})
-    children: list[int] = []
     try:
         children = [line["pid"] for line in await api.wait_for_events("api_started", 2)]
         status, _ = await _get(http, f"http://127.0.0.1:{api_env['HTTP_PORT']}/livez")
@@ -106,8 +105,6 @@ async def test_processes_stop_on_sigterm(api_env, http):
         os.kill(api.pid, signal.SIGTERM)
         exit_code = await api.wait_exit(timeout=DEFAULT_TIMEOUT)
     finally:
-        for pid in children:
-            kill_child(pid)
         api.kill()
 
     assert status == 200
@@ -120,7 +117,6 @@ async def test_processes_stop_on_sigterm(api_env, http):
 
 async def test_process_death_stops_the_others(api_env):
     api = ServiceProcess("service", {**api_env, "HTTP_PROCESSES": "2"})
-    children: list[int] = []
     try:
         children = [line["pid"] for line in await api.wait_for_events("api_started", 2)]
         victim, survivor = children
@@ -128,8 +124,6 @@ async def test_process_death_stops_the_others(api_env):
         os.kill(victim, signal.SIGKILL)
         exit_code = await api.wait_exit(timeout=DEFAULT_TIMEOUT)
     finally:
-        for pid in children:
-            kill_child(pid)
         api.kill()
 
     assert exit_code == 1
