@@ -91,14 +91,23 @@ async def test_api_metrics_several_processes(api_env, db_pool, accounts, tmp_pat
     try:
         await api.wait_for_events("api_started", 2)
         stale_removed = not stale.exists()
-        await wait_for_value(fresh, metrics_url, "cloudapi_images_change_listener_connected", 1)
+
+        async def both_listening():
+            # The pool maximum sums to 6 only once both processes have written their
+            # figures, so the minimum of their listener states then covers both.
+            samples = await scrape(fresh, metrics_url)
+            return (
+                sample(samples, "cloudapi_images_db_pool_connections", state="max") == 6
+                and sample(samples, "cloudapi_images_change_listener_connected") == 1
+            )
+
+        await wait_until(both_listening, message="both processes to report a connected change listener")
 
         statuses = [await _status(fresh, "GET", base + "/--ping") for _ in range(20)]
         for _ in range(4):
             statuses.append(await _status(fresh, "GET", base + path, accounts["alice"].sign("GET", path)))
         # Request counters are written at once; the cache and pool figures every second.
         await wait_for_value(fresh, metrics_url, REQUESTS, 20, route="Ping", method="GET", status="200")
-        await wait_for_value(fresh, metrics_url, "cloudapi_images_db_pool_connections", 6, state="max")
 
         async def all_lookups_sampled():
             samples = await scrape(fresh, metrics_url)
