@@ -223,3 +223,20 @@ async def wait_for_value(http, url: str, name: str, expected: float, **labels: s
         raise AssertionError(f"{name}{labels} is {sample(last, name, **labels)}, expected {expected}") from None
     return last
 
+
+@pytest.fixture
+async def running_worker(broker_settings):
+    """A worker on this test's own queue, with its health endpoint on a free port; yields
+    the worker and the URL of its /metrics."""
+    from workers.consumer import Worker
+    from workers.health import start_health_server
+
+    worker = Worker(broker_settings)
+    port = free_port()
+    health = await start_health_server(worker, "127.0.0.1", port)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    yield worker, f"http://127.0.0.1:{port}/metrics"
+    worker.stop()
+    await asyncio.wait_for(task, timeout=DEFAULT_TIMEOUT)
+    await health.cleanup()

@@ -3,19 +3,15 @@ the API in one and in several processes, and the worker."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
 import aio_pika
 import aiohttp
-import pytest
 
 from tests.conftest import AMQP_URL, store_manifests
 from tests.helpers import DEFAULT_TIMEOUT, manifest, wait_until
 from tests.ops.conftest import ServiceProcess, free_port, sample, scrape, wait_for_value
-from workers.consumer import Worker
-from workers.health import start_health_server
 from workers.producer import EventPublisher, image_event
 
 REQUESTS = "cloudapi_images_http_requests_total"
@@ -132,20 +128,6 @@ async def test_api_metrics_several_processes(api_env, db_pool, accounts, tmp_pat
     assert sample(samples, "cloudapi_images_cache_entries") in (1, 2)
     assert exit_code == 0
     assert list(metrics_dir.glob("*.db")), "the configured directory keeps its files for inspection"
-
-
-@pytest.fixture
-async def running_worker(broker_settings):
-    """A worker on this test's own queue, with its health endpoint on a free port."""
-    worker = Worker(broker_settings)
-    port = free_port()
-    health = await start_health_server(worker, "127.0.0.1", port)
-    await worker.start()
-    task = asyncio.create_task(worker.run())
-    yield worker, f"http://127.0.0.1:{port}/metrics"
-    worker.stop()
-    await asyncio.wait_for(task, timeout=DEFAULT_TIMEOUT)
-    await health.cleanup()
 
 
 async def test_worker_metrics(running_worker, broker_settings, http):

@@ -10,7 +10,7 @@ import orjson
 
 from tests.conftest import AMQP_URL
 from tests.helpers import manifest, wait_until
-from workers.producer import image_event
+from workers.producer import EventPublisher, image_event
 
 
 async def _get(http, url: str, headers: dict[str, str]):
@@ -43,29 +43,36 @@ async def test_malformed_request_id_replaced(api, http, captured_logs):
     assert [line["request_id"] for line in served] == [headers["Request-Id"]]
 
 
-async def test_correlation_id_in_event_log_lines(worker, publisher, settings, captured_logs):
+async def test_correlation_id_in_event_log_lines(running_worker, broker_settings, captured_logs):
     from_property = image_event("image.activated", manifest(), revision=1)
     from_header = image_event("image.activated", manifest(), revision=1)
 
-    await publisher.publish(from_property, correlation_id="order-7")
+    async with EventPublisher.connect(broker_settings) as publisher:
+        await publisher.publish(from_property, correlation_id="order-7")
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel()
-        exchange = await channel.get_exchange(settings.amqp_exchange)
+        exchange = await channel.get_exchange(broker_settings.amqp_exchange)
         message = aio_pika.Message(
             orjson.dumps(from_header), content_type="application/json", headers={"x-correlation-id": "order-8"}
         )
         await exchange.publish(message, routing_key=from_header["type"])
+        # Not an event at all: its line has no event id, but still the correlation id.
+        await exchange.publish(aio_pika.Message(b"[1, 2", correlation_id="order-9"), routing_key="image.created")
     finally:
         await connection.close()
 
     def applied(event_id: str) -> list[dict]:
         return [line for line in captured_logs if line["event"] == "event_applied" and line.get("event_id") == event_id]
 
-    async def both_applied():
-        return applied(from_property["event_id"]) and applied(from_header["event_id"])
+    def rejected() -> list[dict]:
+        return [line for line in captured_logs if line["event"] == "event_rejected" and line.get("correlation_id") == "order-9"]
 
-    await wait_until(both_applied, message="both events to be applied")
+    async def all_logged():
+        return applied(from_property["event_id"]) and applied(from_header["event_id"]) and rejected()
+
+    await wait_until(all_logged, message="both events applied and the broken message rejected")
 
     assert [line.get("correlation_id") for line in applied(from_property["event_id"])] == ["order-7"]
     assert [line.get("correlation_id") for line in applied(from_header["event_id"])] == ["order-8"]
+    assert [line["reason"] for line in rejected()] == ["not_json"]
