@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import signal
 import socket
-import sys
 
 import structlog
 from aiohttp import web
 
 from service import db, logs
+from service.metrics import ApiMetrics, clear_multiprocess_dir, start_metrics_server
 from service.http import (
     AUTH_STAGE,
     CALLER,
@@ -35,6 +34,7 @@ log = structlog.get_logger("api")
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", object)
 LISTENER = web.AppKey("listener", ChangeListener)
+METRICS = web.AppKey("metrics", ApiMetrics)
 
 
 def _access_logger(settings: Settings):
@@ -63,17 +63,51 @@ def _access_logger(settings: Settings):
     return observe
 
 
+def _request_observer(settings: Settings, metrics: ApiMetrics | None):
+    """Return the pipeline's per-request hook: metrics, then the access log line; or None."""
+    log_access = _access_logger(settings) if settings.access_log else None
+    if metrics is None:
+        return log_access
+    record = metrics.request_recorder()
+    if log_access is None:
+
+        def observe(request: web.Request, spec, status: int, seconds: float, error) -> None:
+            record(spec.name, request.method, status, seconds)
+
+        return observe
+
+    def observe_and_log(request: web.Request, spec, status: int, seconds: float, error) -> None:
+        record(spec.name, request.method, status, seconds)
+        log_access(request, spec, status, seconds, error)
+
+    return observe_and_log
+
+
 def create_app(settings: Settings) -> web.Application:
-    """Build the API application; the pool and listener start with the app."""
+    """Build the API application; the pool and listener start with the app.
+
+    Metrics are recorded when `METRICS_PORT` is not 0; `serve()` or, with several
+    processes, the parent process serves them.
+    """
     app = web.Application(middlewares=[pipeline_middleware], handler_args={"max_field_size": 8190})
     app[SETTINGS] = settings
     app[HTTP_SETTINGS] = settings
     app[SHUTTING_DOWN] = {"value": False}
     app[ROUTE_SPECS] = add_routes(app)
-    app[REQUEST_OBSERVER] = _access_logger(settings)
+    metrics = ApiMetrics() if settings.metrics_port else None
+    if metrics is not None:
+        app[METRICS] = metrics
+    app[REQUEST_OBSERVER] = _request_observer(settings, metrics)
     app[AUTH_STAGE] = auth_stage.authenticate
     app.cleanup_ctx.append(_database_context)
+    if metrics is not None and settings.http_processes > 1:
+        app.cleanup_ctx.append(_sampling_context)
     return app
+
+
+def begin_shutdown(app: web.Application) -> None:
+    """Mark the app as stopping, so that /readyz returns 503 from now on."""
+    app[SHUTTING_DOWN]["value"] = True
 
 
 async def _database_context(app: web.Application):
@@ -95,14 +129,35 @@ async def _database_context(app: web.Application):
     app[IMAGE_STORE] = store
     app[auth_stage.KEY_STORE] = keys
     app[LISTENER] = listener
+    if METRICS in app:
+        app[METRICS].watch(store=store, pool=pool, listener=listener)
     yield
     await listener.stop()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(pool.close(), timeout=5)
 
 
+async def _sampling_context(app: web.Application):
+    # In a child of a multi-process API the parent reads the metric files, not this
+    # process's memory, so the sampled figures must be written out periodically.
+    task = asyncio.create_task(app[METRICS].sample_periodically(), name="metrics-sampler")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def serve(settings: Settings, *, sock: socket.socket | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain requests in flight and close the pool."""
+    """Serve until SIGTERM or SIGINT, then drain requests in flight and close the pool.
+
+    With one process, this process also serves the metrics on `METRICS_PORT` until the
+    drain has finished. With several (`sock` comes from the parent), the parent does.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -111,28 +166,40 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None) -> Non
         shutdown_timeout=settings.http_drain_timeout,
     )
     await runner.setup()
-    if sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, backlog=1024)
-    await site.start()
+    metrics_runner = None
+    try:
+        if settings.http_processes == 1 and METRICS in app:
+            metrics = app[METRICS]
+            metrics_runner = await start_metrics_server(
+                metrics.registry, settings.http_host, settings.metrics_port, before_scrape=metrics.sample
+            )
+        if sock is not None:
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, settings.http_host, settings.http_port, backlog=1024)
+        await site.start()
+    except BaseException:
+        # A port in use, most likely: close the pool before the error ends the process.
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
+        raise
     log.info(
         "api_started",
         host=settings.http_host,
         port=settings.http_port,
+        metrics_port=settings.metrics_port if metrics_runner is not None else None,
         pid=os.getpid(),
         settings=repr(settings),
     )
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
     log.info("api_stopping", drain_timeout=settings.http_drain_timeout, pid=os.getpid())
-    app[SHUTTING_DOWN]["value"] = True
+    begin_shutdown(app)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("api_stopped", pid=os.getpid())
 
 
@@ -164,30 +231,15 @@ def _serve_process(settings: Settings) -> None:
 
 def run(settings: Settings) -> int:
     """Run `settings.http_processes` API processes sharing the port; return an exit status."""
-    if settings.http_processes == 1:
-        _install_event_loop_policy()
-        asyncio.run(serve(settings))
-        return 0
+    if settings.http_processes > 1:
+        from service.supervisor import supervise
 
-    context = multiprocessing.get_context("spawn")
-    children = [
-        context.Process(target=_serve_process, args=(settings,), name=f"api-{index}")
-        for index in range(settings.http_processes)
-    ]
-    for child in children:
-        child.start()
+        return supervise(settings, _serve_process)
 
-    def forward(signum, _frame):
-        for child in children:
-            if child.is_alive():
-                os.kill(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    for child in children:
-        child.join()
-        if child.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
-            status = 1
-    sys.stdout.flush()
-    return status
+    if settings.metrics_port and settings.prometheus_multiproc_dir:
+        # The library writes metric files there whenever the variable is set, even for
+        # one process, so the directory must exist.
+        clear_multiprocess_dir(settings.prometheus_multiproc_dir)
+    _install_event_loop_policy()
+    asyncio.run(serve(settings))
+    return 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import orjson
 import structlog
 from aiohttp import hdrs, web
+from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from service import __version__
 from service.errors import (
@@ -223,7 +224,18 @@ def _preflight(request: web.Request) -> bool:
 @web.middleware
 async def pipeline_middleware(request: web.Request, handler) -> web.StreamResponse:
     started = time.monotonic()
-    request[REQUEST_ID] = request_id_for(request)
+    request_id = request[REQUEST_ID] = request_id_for(request)
+    # Every log line of the request carries its id. aiohttp 3.14 runs each request in a
+    # task of its own with a copy of the connection's context. Clearing at the end keeps
+    # what a request bound from reaching the next one even where that is not so.
+    bind_contextvars(request_id=request_id)
+    try:
+        return await _serve_request(request, handler, started)
+    finally:
+        clear_contextvars()
+
+
+async def _serve_request(request: web.Request, handler, started: float) -> web.StreamResponse:
     match_info = request.match_info
     route_exception = match_info.http_exception
     spec = _UNKNOWN_ROUTE

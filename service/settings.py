@@ -208,7 +208,10 @@ class Settings:
         "EVENT_MAX_BYTES", "1048576", _parse_int(1024, 64 << 20), "Largest event message in bytes; larger ones are dead-lettered."
     )
     prometheus_multiproc_dir: str = _field(
-        "PROMETHEUS_MULTIPROC_DIR", "", _parse_path, "Directory for metrics shared by several API processes."
+        "PROMETHEUS_MULTIPROC_DIR",
+        "",
+        _parse_path,
+        "Directory for the metric files of several API processes, cleared at start; unset: a temporary directory.",
     )
 
     @classmethod

@@ -17,20 +17,33 @@ WORKER = web.AppKey("worker", Worker)
 
 
 async def livez(request: web.Request) -> web.Response:
+    """Liveness: the event loop runs. Touches neither Postgres nor RabbitMQ."""
     return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness: an active consumer, a Postgres query done within a second, not stopping."""
     worker = request.app[WORKER]
     database = await worker.check_database()
     consumer = worker.consumer_active
     ready = database and consumer and worker.ready
-    body = orjson.dumps({"status": "ready" if ready else "not ready", "consumer": consumer, "database": database})
+    body = orjson.dumps(
+        {
+            "status": "ready" if ready else "not ready",
+            "consumer": consumer,
+            "database": database,
+            "stopping": worker.stopping,
+        }
+    )
     return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:
-    payload = generate_latest(request.app[WORKER].metrics.registry)
+    worker = request.app[WORKER]
+    # The worker sets the consumer gauge when it starts or cancels its consumer, but a
+    # lost broker connection changes no gauge. So read the live state at every scrape.
+    worker.metrics.consumer_active.set(1 if worker.consumer_active else 0)
+    payload = generate_latest(worker.metrics.registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

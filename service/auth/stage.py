@@ -23,7 +23,7 @@ from service.auth.keys import PublicKey, parse_public_key
 from service.auth.signature import RequestView, parse_authorization
 from service.auth.store import KeyStore
 from service.errors import InvalidCredentials, NotAuthorized
-from service.http import CALLER, REQUEST_ID
+from service.http import CALLER
 
 log = structlog.get_logger("auth")
 
@@ -120,11 +120,10 @@ async def authenticate(request: web.Request) -> None:
             reason=reason,
             key_id=credentials.key_id[:200],
             algorithm=credentials.algorithm,
-            request_id=request[REQUEST_ID],
         )
         raise InvalidCredentials()
     if account.disabled:
-        log.warning("auth_rejected", reason="account_disabled", login=account.login, request_id=request[REQUEST_ID])
+        log.warning("auth_rejected", reason="account_disabled", login=account.login)
         raise NotAuthorized("Account or user is disabled")
     request[CALLER] = Caller(uuid=account.uuid, login=account.login, key_id=credentials.key_id)
 
