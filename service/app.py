@@ -26,6 +26,7 @@ from service.http import (
 from service.auth import stage as auth_stage
 from service.auth.store import KeyStore
 from service.notify import ACCOUNT_CHANNEL, IMAGE_CHANNEL, ChangeListener
+from service.protocol import make_runner
 from service.routes import IMAGE_STORE, SHUTTING_DOWN, add_routes
 from service.settings import Settings
 from service.storage import ImageStore
@@ -65,7 +66,7 @@ def _access_logger(settings: Settings):
 
 def create_app(settings: Settings) -> web.Application:
     """Build the API application; the pool and listener start with the app."""
-    app = web.Application(middlewares=[pipeline_middleware], handler_args={"max_field_size": 8190})
+    app = web.Application(middlewares=[pipeline_middleware])
     app[SETTINGS] = settings
     app[HTTP_SETTINGS] = settings
     app[SHUTTING_DOWN] = {"value": False}
@@ -104,12 +105,7 @@ async def _database_context(app: web.Application):
 async def serve(settings: Settings, *, sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain requests in flight and close the pool."""
     app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=settings.http_drain_timeout,
-    )
+    runner = make_runner(app, settings)
     await runner.setup()
     if sock is not None:
         site = web.SockSite(runner, sock)
