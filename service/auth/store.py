@@ -9,6 +9,7 @@ a flush is always correct. While the change listener is down nothing is cached.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -23,6 +24,10 @@ log = structlog.get_logger("auth")
 
 _QUERIES = db.load_queries("accounts.sql")
 _MD5_LENGTH = 47  # "xx:" * 15 + "xx"
+# Every stored login matches the `login` definition of the event schema (account UUIDs
+# match it too), so a reference that does not cannot name an account. Checking it first
+# keeps text Postgres cannot take (bytes that are not UTF-8) away from the query.
+POSSIBLE_LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,255}")
 
 
 @dataclass(slots=True)
@@ -84,6 +89,8 @@ class KeyStore(Subscriber):
 
     async def find(self, reference: str) -> Account | None:
         """Return the one account whose login or UUID is `reference`, or None."""
+        if not POSSIBLE_LOGIN.fullmatch(reference):
+            return None
         if self._enabled:
             cached = self._entries.get(reference)
             if cached is not None:
