@@ -1,18 +1,19 @@
 """The HTTP/1.1 connection layer under the request pipeline: parser limits, protocol
 errors as CloudAPI JSON, and the header timeout.
 
-aiohttp answers what its parser rejects (an overlong request line or header, too many
-headers, malformed syntax, TLS sent to the plain port) itself, in text/plain, before any
-middleware runs; so does its `Expect` check. It also has no limit on the time a client
-takes to send a request's headers: its `keepalive_timeout` (3630 s by default) only
-closes connections that wait between requests. This module changes both:
+aiohttp itself responds, in text/plain and before any middleware runs, to what its
+parser rejects: an overlong request line or header, too many headers, malformed syntax,
+TLS sent to the plain port. So does its `Expect` check. aiohttp also has no limit on the
+time a client takes to send a request's headers, because its `keepalive_timeout` (3630 s
+by default) only closes connections that wait between requests. This module changes
+both:
 
-- Every such answer is a CloudAPI error with the full header set of `service.http`:
+- Every such response is a CloudAPI error with the full header set of `service.http`:
   400 BadRequestError (malformed request), 408 RequestTimeout, 414 UriTooLong (request
-  line over MAX_REQUEST_LINE bytes), 417 ExpectationFailed (an `Expect` other than
+  target over MAX_REQUEST_LINE bytes), 417 ExpectationFailed (an `Expect` other than
   `100-continue`), 431 RequestHeaderFieldsTooLarge (a header name or value over
-  MAX_FIELD_SIZE bytes, or more than MAX_HEADERS headers), and 500 InternalError. The connection is
-  closed after it.
+  MAX_FIELD_SIZE bytes, or more than MAX_HEADERS headers), and 500 InternalError. The
+  connection is closed after it.
 - A request whose headers are not complete `header_timeout` seconds after its first
   byte gets 408 and the connection is closed. On a new connection the time counts from
   the connection's opening, and a connection that sends nothing in that time is closed
@@ -20,8 +21,8 @@ closes connections that wait between requests. This module changes both:
 
 Written for aiohttp 3.14 (tested with 3.14.5). Besides public API it relies on
 `BaseRunner._make_server`, `Server._kwargs` and `._loop`, `RequestHandler._messages` and
-`._waiter`, and `aiohttp.web_protocol._ErrInfo`; tests/hostile/test_limits.py checks that each is
-still there, so an aiohttp upgrade that moves one fails there first.
+`._waiter`, and `aiohttp.web_protocol._ErrInfo`. tests/hostile/test_limits.py checks that
+each is still there, so an aiohttp upgrade that moves one fails there first.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ from service.http import REQUEST_ID, ROUTE, STARTED, RouteSpec, build_response, 
 
 log = structlog.get_logger("http")
 
-MAX_REQUEST_LINE = 4096  # bytes of the request target (method and version not counted)
+MAX_REQUEST_LINE = 4096  # bytes of the request target (the method and version not counted)
 MAX_FIELD_SIZE = 8190  # bytes of one header name, and of one header value
 MAX_HEADERS = 128  # headers in one request
 
-# The route name that logs and metrics show for an answer given before any routing.
+# The route name that logs and metrics show for a response given before any routing.
 _PROTOCOL_ROUTE = RouteSpec(name="protocol_error")
 
 
@@ -79,7 +80,7 @@ def _parser_error(exc: BaseException | None) -> CloudApiError:
 
 
 def error_for_status(status: int, exc: BaseException | None) -> CloudApiError:
-    """Return the CloudAPI error for what aiohttp answers with `status`."""
+    """Return the CloudAPI error for a request that aiohttp rejects with `status`."""
     if isinstance(exc, HeaderTimeout):
         return RequestTimeout(str(exc))
     if status == 417:
@@ -158,6 +159,8 @@ class CloudApiRequestHandler(web_protocol.RequestHandler):
                 self._header_bytes_seen = True
             elif self._last_payload is None or self._last_payload.is_eof():
                 # The first byte of the next request on a kept-alive connection.
+                # NOTE: bytes of the next request that arrive in the same read as the end
+                # of the previous one start no timer. The next read that brings more does.
                 self._start_header_timer(bytes_seen=True)
         super().data_received(data)
         if self._messages:
@@ -180,7 +183,7 @@ class CloudApiRequestHandler(web_protocol.RequestHandler):
         if self._messages or self.transport is None:
             return
         if not self._header_bytes_seen:
-            # A new connection that never sent a byte: nobody is waiting for an answer.
+            # A new connection that never sent a byte: no client is waiting for a response.
             log.debug("connection_closed", reason="no request", timeout=self._header_timeout)
             self.force_close()
             return

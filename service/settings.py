@@ -184,7 +184,10 @@ class Settings:
         "HTTP_DRAIN_TIMEOUT", "10", _parse_float(0, 600), "Seconds the API waits for requests in flight on shutdown."
     )
     http_header_timeout: float = _field(
-        "HTTP_HEADER_TIMEOUT", "10", _parse_float(0.5, 600), "Seconds a client has to send a request's headers."
+        "HTTP_HEADER_TIMEOUT",
+        "10",
+        _parse_float(0.5, 600),
+        "Seconds a client has to send a request's headers, and then its body; past them the API answers 408.",
     )
     http_max_body: int = _field(
         "HTTP_MAX_BODY", "8192", _parse_int(0, 1 << 20), "Largest request body in bytes accepted (and ignored) on GET and HEAD."
