@@ -25,6 +25,7 @@ from service.http import (
 from service.auth import stage as auth_stage
 from service.auth.store import KeyStore
 from service.notify import ACCOUNT_CHANNEL, IMAGE_CHANNEL, ChangeListener
+from service.protocol import make_runner
 from service.routes import IMAGE_STORE, SHUTTING_DOWN, add_routes
 from service.settings import Settings
 from service.storage import ImageStore
@@ -89,7 +90,7 @@ def create_app(settings: Settings) -> web.Application:
     Metrics are recorded when `METRICS_PORT` is not 0; `serve()` or, with several
     processes, the parent process serves them.
     """
-    app = web.Application(middlewares=[pipeline_middleware], handler_args={"max_field_size": 8190})
+    app = web.Application(middlewares=[pipeline_middleware])
     app[SETTINGS] = settings
     app[HTTP_SETTINGS] = settings
     app[SHUTTING_DOWN] = {"value": False}
@@ -159,12 +160,7 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None) -> Non
         loop.add_signal_handler(signum, stop.set)
 
     app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=settings.http_drain_timeout,
-    )
+    runner = make_runner(app, settings)
     await runner.setup()
     metrics_runner = None
     try:

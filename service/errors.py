@@ -59,9 +59,24 @@ class NotAcceptable(CloudApiError):
     code = "NotAcceptableError"
 
 
+class RequestTimeout(CloudApiError):
+    status = 408
+    code = "RequestTimeout"
+
+
 class RequestTooLarge(CloudApiError):
     status = 413
     code = "RequestTooLarge"
+
+
+class UriTooLong(CloudApiError):
+    status = 414
+    code = "UriTooLong"
+
+
+class ExpectationFailed(CloudApiError):
+    status = 417
+    code = "ExpectationFailed"
 
 
 class RequestHeaderTooLarge(CloudApiError):

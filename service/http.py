@@ -14,6 +14,7 @@ Order matters: CloudAPI checks the route, then the version, then Accept, then cr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -29,12 +30,14 @@ from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from service import __version__
 from service.errors import (
+    BadRequest,
     CloudApiError,
     DatabaseUnavailable,
     InternalError,
     InvalidVersion,
     MethodNotAllowed,
     NotAcceptable,
+    RequestTimeout,
     RequestTooLarge,
     ResourceNotFound,
     ServiceUnavailable,
@@ -92,7 +95,21 @@ def content_md5(body: bytes) -> str:
 
 
 def error_body(error: CloudApiError) -> bytes:
-    return orjson.dumps({"code": error.code, "message": error.message})
+    try:
+        return orjson.dumps({"code": error.code, "message": error.message})
+    except orjson.JSONEncodeError:
+        # The message echoes request bytes that are not UTF-8, which aiohttp keeps as
+        # lone surrogates. orjson cannot encode those, so they are shown as \xNN.
+        return orjson.dumps({"code": error.code, "message": printable(error.message)})
+
+
+def printable(text: str) -> str:
+    """Return `text` with lone surrogates replaced by the escapes of the bytes they stand for."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def request_id_for(request: web.Request) -> str:
@@ -142,16 +159,31 @@ def check_accept(request: web.Request) -> None:
         raise NotAcceptable(f"Server accepts: {_JSON}")
 
 
-async def check_body(request: web.Request, max_body: int) -> None:
-    """Ignore a small request body; refuse one larger than `max_body` bytes."""
+async def check_body(request: web.Request, max_body: int, timeout: float) -> None:
+    """Read and ignore a request body of at most `max_body` bytes.
+
+    Raises RequestTooLarge for a larger body, and RequestTimeout when the body does not
+    arrive within `timeout` seconds.
+    """
     if not request.body_exists:
         return
     length = request.content_length
     if length is not None and length > max_body:
         raise RequestTooLarge(f"request body must not exceed {max_body} bytes")
-    data = await request.content.read(max_body + 1)
-    if len(data) > max_body:
-        raise RequestTooLarge(f"request body must not exceed {max_body} bytes")
+    # A chunked body has no Content-Length, and read() returns whatever has arrived, so
+    # count every chunk up to the end of the body.
+    received = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.readany():
+                received += len(chunk)
+                if received > max_body:
+                    raise RequestTooLarge(f"request body must not exceed {max_body} bytes")
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout:g} seconds") from None
+    except web.RequestPayloadError as exc:
+        # A malformed chunked encoding, or a body shorter than its Content-Length.
+        raise BadRequest(f"invalid request body: {exc}") from None
 
 
 def build_response(
@@ -198,7 +230,8 @@ async def _run_stages(request: web.Request, spec: RouteSpec) -> None:
         negotiate_version(request)
     if spec.json_only:
         check_accept(request)
-    await check_body(request, app[HTTP_SETTINGS].http_max_body)
+    settings = app[HTTP_SETTINGS]
+    await check_body(request, settings.http_max_body, settings.http_header_timeout)
     if spec.authenticated:
         authenticate = app.get(AUTH_STAGE)
         if authenticate is not None:

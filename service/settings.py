@@ -19,17 +19,31 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
+# Query parameters of a DSN whose values are secrets, e.g. libpq's `?password=` and
+# `?sslpassword=`: any parameter whose name contains one of these words.
+_SECRET_PARAMETER_WORDS = ("pass", "secret", "token")
+
+
 def redact_url(url: str) -> str:
-    """Return the URL with its password replaced by `***`, for logs and messages."""
+    """Return the URL with its password, in the user part or in a query parameter such
+    as `?password=`, replaced by `***`, for logs and messages."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    if parts.query:
+        parameters = []
+        for parameter in parts.query.split("&"):
+            name, equals, _value = parameter.partition("=")
+            if equals and any(word in name.lower() for word in _SECRET_PARAMETER_WORDS):
+                parameter = f"{name}=***"
+            parameters.append(parameter)
+        parts = parts._replace(query="&".join(parameters))
+    return urlunsplit(parts)
 
 
 def _parse_int(minimum: int, maximum: int) -> Callable[[str], int]:
@@ -170,7 +184,10 @@ class Settings:
         "HTTP_DRAIN_TIMEOUT", "10", _parse_float(0, 600), "Seconds the API waits for requests in flight on shutdown."
     )
     http_header_timeout: float = _field(
-        "HTTP_HEADER_TIMEOUT", "10", _parse_float(0.5, 600), "Seconds a client has to send a request's headers."
+        "HTTP_HEADER_TIMEOUT",
+        "10",
+        _parse_float(0.5, 600),
+        "Seconds a client has to send a request's headers, and then its body; past them the API answers 408.",
     )
     http_max_body: int = _field(
         "HTTP_MAX_BODY", "8192", _parse_int(0, 1 << 20), "Largest request body in bytes accepted (and ignored) on GET and HEAD."

@@ -1,11 +1,11 @@
 -- Queries on accounts and keys. Each starts with a "-- name:" line and a one-line purpose.
 
 -- name: find_accounts
--- Fetch the accounts whose login or UUID is $1 (text), with their live keys, one row per key.
-SELECT a.uuid, a.login, a.disabled, k.name, k.public_key
+-- Fetch the accounts whose login is $1 (text) or whose UUID is $2 (NULL unless $1 is a UUID), with their live keys, one row per key.
+SELECT a.uuid, a.login, a.disabled, k.name, k.public_key, k.md5_fingerprint, k.sha256_fingerprint
 FROM accounts AS a
 LEFT JOIN account_keys AS k ON k.account_uuid = a.uuid AND NOT k.removed
-WHERE a.login = $1 OR a.uuid::text = $1
+WHERE a.login = $1 OR a.uuid = $2::uuid
 ORDER BY a.uuid, k.name;
 
 -- name: upsert_account

@@ -32,7 +32,11 @@ from workers.contract import decode
 from workers.producer import EventPublisher, image_event
 from workers.projector import apply_batch
 
+from tests import log_capture
 from tests.helpers import ACCOUNT_UUIDS, DEFAULT_TIMEOUT, TestAccount, openssh_public
+
+# Before any test module imports the signing helpers, so every signature is recorded.
+log_capture.record_signatures()
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -45,13 +49,25 @@ def _dsn_for(database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+@pytest.fixture(scope="session")
+def log_capture_dir(tmp_path_factory):
+    """Where every log line of this run is captured (see tests/log_capture.py)."""
+    return tmp_path_factory.mktemp("logs")
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _logging():
-    logs.configure("json", "warning", cache=False)
+def _logging(log_capture_dir):
+    logs.configure("json", "debug", cache=False)
+    log_capture.start_capture(log_capture_dir)
+
+
+def pytest_collection_modifyitems(items):
+    """Run tests marked `last` after all others: they check what the whole run logged."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 @pytest.fixture(scope="session")
-async def database_url():
+async def database_url(_logging):
     """A fresh, migrated database for this test run, dropped at the end."""
     name = f"cloudapi_test_{RUN_ID}"
     admin = await asyncpg.connect(ADMIN_DSN)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -147,13 +147,19 @@ def _check_limits(document: Any) -> None:
             if not INT64_MIN <= value <= INT64_MAX:
                 raise InvalidEvent(Rejection.NUMBER_OUT_OF_RANGE, f"{value} is outside the signed 64-bit range")
         elif isinstance(value, float):
-            # orjson turns integers beyond 64 bits into floats; refuse every number that large.
-            if not -9.223372036854775808e18 <= value < 9.223372036854775808e18:
+            # orjson turns integers beyond 64 bits into floats, and -2^63 - 1 rounds to the
+            # float -2^63, so a float of that size stands for an integer out of range.
+            if not -9.223372036854775808e18 < value < 9.223372036854775808e18:
                 raise InvalidEvent(Rejection.NUMBER_OUT_OF_RANGE, f"{value!r} is outside the signed 64-bit range")
 
 
 def parse_time(text: str) -> datetime:
-    """Parse the contract's RFC 3339 time, keeping at most microseconds."""
+    """Parse the contract's RFC 3339 time, keeping at most microseconds.
+
+    Raises ValueError for a time that is not a valid date, or whose UTC instant falls
+    outside the years 1 to 9999 (such as 9999-12-31T23:59:59-23:59), which the database
+    driver cannot store.
+    """
     head, dot, rest = text.partition(".")
     if dot:
         # The schema allows up to nine fractional digits; datetime holds six.
@@ -161,7 +167,12 @@ def parse_time(text: str) -> datetime:
         text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
-    return datetime.fromisoformat(text)
+    moment = datetime.fromisoformat(text)
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text} is outside the years 1 to 9999 in UTC") from None
+    return moment
 
 
 def decode(body: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:

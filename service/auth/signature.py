@@ -72,7 +72,7 @@ def parse_date(value: str) -> float | None:
     """Return the POSIX time of an HTTP date (RFC 1123, or ISO 8601), or None."""
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         try:
             moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
@@ -146,6 +146,17 @@ def _parse_legacy(value: str) -> tuple[str, dict[str, str], str]:
     return scheme, params, signature
 
 
+def _signing_bytes(lines: list[str]) -> bytes:
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates
+    # ("surrogateescape"). Encoding them back the same way gives the exact bytes that the
+    # client sent and signed. Other lone surrogates cannot come from the wire.
+    text = "\n".join(lines)
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _signed_headers(params: dict[str, str]) -> list[str]:
     listed = params.get("headers")
     if not listed:
@@ -190,7 +201,7 @@ def _current(value: str, view: RequestView, now: float) -> Credentials:
     _check_clock(view, now)
     if "date" not in headers:
         raise _Malformed("date was not a signed header")
-    return Credentials(params["keyId"], algorithm, params["signature"], "\n".join(lines).encode("utf-8"), legacy=False)
+    return Credentials(params["keyId"], algorithm, params["signature"], _signing_bytes(lines), legacy=False)
 
 
 def _legacy(value: str, view: RequestView, now: float) -> Credentials:
@@ -219,7 +230,7 @@ def _legacy(value: str, view: RequestView, now: float) -> Credentials:
     _check_clock(view, now)
     if "date" not in headers:
         raise _Malformed("date was not a signed header")
-    return Credentials(params["keyId"], algorithm, signature, "\n".join(lines).encode("utf-8"), legacy=True)
+    return Credentials(params["keyId"], algorithm, signature, _signing_bytes(lines), legacy=True)
 
 
 def parse_authorization(value: str | None, view: RequestView, now: float) -> Credentials:
