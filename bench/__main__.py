@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unique-baselines", action="store_true",
                         help="sign a file large enough for each baseline run too, so no signature repeats "
                              "there either (adds minutes of signing)")
+    parser.add_argument("--freshness-load", type=float, default=0.5,
+                        help="HTTP load of the freshness part, as a fraction of the service's 1-process peak (default 0.5)")
     parser.add_argument("--reset-data", action="store_true", help="reload the 100,000 images of the bench database")
     return parser
 
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         accounts = dataset.prepare(reset=args.reset_data)
         ctx = Context(profile=profile, runs=runs, port=args.port, worker_port=args.worker_port, accounts=accounts,
                       visible=dataset.visibility(), results=results, unique_baselines=args.unique_baselines,
+                      freshness_load=args.freshness_load,
                       process_counts=tuple(int(p) for p in args.processes.split(",")))
         asyncio.run(dataset.vacuum())
         try:

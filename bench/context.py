@@ -20,6 +20,7 @@ class Context:
     visible: Visibility
     results: Results
     unique_baselines: bool
+    freshness_load: float = 0.5  # fraction of the service's peak that wrk holds in the freshness part
     process_counts: tuple[int, ...] = (1, 2)
     # Highest requests/s seen per (kind, processes); sizes the next request file.
     rates: dict[tuple[str, int], float] = field(default_factory=dict)
