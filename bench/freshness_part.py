@@ -1,16 +1,18 @@
-"""Part 2, freshness: how long an image change takes from publish to a GetImage answer.
+"""Part 2, freshness: the time from publishing an image change to a GetImage response that shows it.
 
 Per repetition, with one API process (the service's defaults) and one worker
 (`python -m workers` on an exchange and queue of the bench's own):
 - wrk sends signed GetImage requests at half the service's peak (the 1-process median of
   the HTTP part, or a short peak run when that part was skipped; `--freshness-load`
-  changes the fraction); bench/requests.lua holds the rate with a fixed schedule
+  changes the fraction); bench/requests.lua keeps the rate with a fixed schedule
   (BENCH_RATE), since wrk2 is not packaged in Debian;
 - the publisher agent publishes `image.updated` events at 1,000 per second, each on its
   own image, with a new marker in the manifest's tags;
 - the poller agent watches every 10th event's image with signed GetImage requests (as
   bench01, which may see every image used) and records the first answer showing the
   marker. Its requests come on top of wrk's, and the table shows their rate.
+The worker's own lag (its log's `lag_ms`: commit time minus the event's time) splits the
+delay into the worker's share and the API's.
 Freshness is that answer's arrival time minus the time publish() was called, so it
 includes the time the answer took; it is an upper bound, at most one poll interval
 (10 ms at first, then 10 % of the time waited) late.
@@ -152,6 +154,7 @@ def _run_once(ctx: Context, rep: int, load_rate: float) -> dict:
             load_figures = load.result()
     finally:
         group.stop_all()
+    worker_lags = _worker_lags(worker.log_path)
 
     published = orjson.loads((config.STATE_DIR / "freshness" / f"publish-{rep}.result.json").read_bytes())
     poll_result = orjson.loads((config.STATE_DIR / "freshness" / f"poll-{rep}.result.json").read_bytes())
@@ -179,8 +182,20 @@ def _run_once(ctx: Context, rep: int, load_rate: float) -> dict:
         "publish_failures": published["failure_count"],
         "resolution_p50_ms": statistics.median(resolutions) if resolutions else None,
         "poll_rate": poll_result["poll_rate"],
+        "worker_lag_p50_ms": _percentile(worker_lags, 0.50) if worker_lags else None,
+        "worker_lag_p99_ms": _percentile(worker_lags, 0.99) if worker_lags else None,
         "load": load_figures,
     }
+
+
+def _worker_lags(log_path) -> list[float]:
+    """Return the worker's lag of each applied event (commit time minus event time), in ms."""
+    lags = []
+    with open(log_path, "rb") as handle:
+        for line in handle:
+            if b'"lag_ms":' in line:
+                lags.append(float(orjson.loads(line)["lag_ms"]))
+    return sorted(lags)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -194,6 +209,7 @@ def run(ctx: Context) -> None:
     print(f"== freshness: {profile.freshness_rate} events/s for {profile.freshness_seconds} s, HTTP load held at "
           f"{load_rate:,.0f} req/s ({ctx.freshness_load:g} of {peak:,.0f}), {ctx.runs} repetitions", flush=True)
     results = ctx.results
+
     for rep in range(ctx.runs):
         outcome = _run_once(ctx, rep, load_rate)
         latencies = outcome["latencies_ms"]
@@ -203,6 +219,7 @@ def run(ctx: Context) -> None:
         if not latencies:
             results.note(f"freshness repetition {rep + 1}: no sample was seen within {POLL_TIMEOUT:g} s")
             continue
+
         results.add("freshness", "p50", _percentile(latencies, 0.50))
         results.add("freshness", "p99", _percentile(latencies, 0.99))
         results.add("freshness", "max", latencies[-1])
@@ -210,18 +227,26 @@ def run(ctx: Context) -> None:
         results.add("freshness", "load rps", load["rps"])
         results.add("freshness", "load p99", load["p99_ms"])
         results.add("freshness", "poll rate", outcome["poll_rate"])
+        if outcome["worker_lag_p50_ms"] is not None:
+            results.add("freshness", "worker lag p50", outcome["worker_lag_p50_ms"])
+            results.add("freshness", "worker lag p99", outcome["worker_lag_p99_ms"])
+
         print(f"  repetition {rep + 1}: p50 {_percentile(latencies, 0.5):.1f} ms, p99 {_percentile(latencies, 0.99):.1f} ms, "
               f"max {latencies[-1]:.1f} ms over {len(latencies)} samples; published {outcome['publish_rate']:,.0f}/s; "
               f"load {load['rps']:,.0f} req/s, p99 {load['p99_ms']:.1f} ms; poller {outcome['poll_rate']:,.0f} req/s, "
               f"poll resolution p50 "
-              f"{outcome['resolution_p50_ms'] or 0:.1f} ms", flush=True)
+              f"{outcome['resolution_p50_ms'] or 0:.1f} ms; worker lag p50 {outcome['worker_lag_p50_ms'] or 0:.1f} ms, "
+              f"p99 {outcome['worker_lag_p99_ms'] or 0:.1f} ms", flush=True)
         if outcome["unseen"] or outcome["publish_failures"] or load["status_errors"]:
             results.note(f"freshness repetition {rep + 1}: {outcome['unseen']} of {outcome['samples']} samples never "
                          f"seen, {outcome['publish_failures']} publish failures, {load['status_errors']} non-2xx "
-                         f"answers to the load")
+                         f"responses to the load")
+
     results.row("freshness", "publish to GetImage p50", "ms", results.get("freshness", "p50"))
     results.row("freshness", "publish to GetImage p99", "ms", results.get("freshness", "p99"), "<= 100")
     results.row("freshness", "publish to GetImage max", "ms", results.get("freshness", "max"))
+    results.row("freshness", "worker lag, event time to commit p50", "ms", results.get("freshness", "worker lag p50"))
+    results.row("freshness", "worker lag, event time to commit p99", "ms", results.get("freshness", "worker lag p99"))
     results.row("freshness", "events published", "events/s", results.get("freshness", "publish rate"))
     results.row("freshness", f"HTTP load held by wrk (asked {load_rate:,.0f})", "req/s",
                 results.get("freshness", "load rps"))
