@@ -4,7 +4,7 @@ one ack per message, and touches no database.
     python -m bench.bare_consumer QUEUE COUNT RESULT.json
 
 It uses the worker's prefetch (512) and uvloop, like the worker, and stops after COUNT
-acks. The result holds the monotonic times of the first and the last ack.
+acks. The result contains the monotonic times of the first and the last ack.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""What every part of a session shares: options, accounts, the data set's visibility,
-the results, and the request rates measured so far (used to size request files)."""
+"""The state shared by every part of a session: options, accounts, the data set's
+visibility, the results, and the request rates measured so far (they size request files)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Context:
     visible: Visibility
     results: Results
     unique_baselines: bool
-    freshness_load: float = 0.5  # fraction of the service's peak that wrk holds in the freshness part
+    freshness_load: float = 0.5  # HTTP load of the freshness part, as a fraction of the service's peak
     process_counts: tuple[int, ...] = (1, 2)
     # Highest requests/s seen per (kind, processes); sizes the next request file.
     rates: dict[tuple[str, int], float] = field(default_factory=dict)

@@ -192,7 +192,7 @@ def prepare(reset: bool = False) -> list[Account]:
 class Visibility:
     """Per bench account, the images it may read, split by the rule that lets it read them."""
 
-    public: list[str]  # public and active or disabled: every account sees them
+    public: list[str]  # public and active or disabled: visible to every account
     owned: dict[int, list[str]]  # by account index: its own images, in every state
     shared: dict[int, list[str]]  # by account index: private images whose acl lists it
 

@@ -4,12 +4,14 @@
     python -m bench.freshness_agents poll PLAN.json
 
 `publish` sends the events of the plan with the service's producer
-(`workers.producer.EventPublisher`, publisher confirms, each event checked against the
-contract), event k at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when it
-is sent, and records when it called publish() and when the confirm came back. `poll`
-watches the sampled images: from the time its event is due, it sends signed GetImage
-requests until the answer shows the event's marker, waiting max(min_interval, 10 % of
-the time spent so far) between polls, so a slow change costs few requests.
+(`workers.producer.EventPublisher`: publisher confirms, each event checked against the
+contract). Event k goes at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when
+it is sent. The agent records when it called publish() and when the confirm came back.
+
+`poll` watches the sampled images. From the time an event is due, it sends signed
+GetImage requests for its image until the response shows the event's marker. It waits
+max(min_interval, 10 % of the time spent so far) between polls, so a slow change costs
+few requests.
 Both write a JSON result file. CLOCK_MONOTONIC is shared by all processes of the machine,
 so the orchestrator can subtract one process's times from the other's.
 """

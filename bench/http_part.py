@@ -1,15 +1,15 @@
 """Part 1, HTTP: authenticated GetImage on the service against two baselines.
 
-For each process count (1, then 2) and each repetition, the three servers run one after
-the other on the same port, in an order rotated by repetition: (a) bare aiohttp with a
-fixed body, (b) aiohttp + asyncpg with one query per request, and the service with its
-defaults. Each gets a warm-up, then the measured run, both `wrk -t1 -c64 --latency`
-with bench/requests.lua. The measured run starts where the warm-up stopped in the
+For each process count (1, then 2) and each repetition, three servers run one after
+the other on the same port, in an order rotated by repetition. They are (a) bare aiohttp
+with a fixed body, (b) aiohttp + asyncpg with one query per request, and the service
+with its defaults. Each gets a warm-up, then the measured run, both
+`wrk -t1 -c64 --latency` with bench/requests.lua. The measured run starts where the warm-up stopped in the
 request file, so none of its requests was sent before.
 
 Request files are signed right before the repetition that uses them. By default only the
-service gets a file large enough that no signature repeats in its run; the baselines,
-which never read the Authorization header, cycle through the same file. With
+service gets a file large enough that no signature repeats in its run. The baselines
+never read the Authorization header, so they cycle through the same file. With
 `--unique-baselines` each baseline run gets its own file as large as its rate needs.
 """
 

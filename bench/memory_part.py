@@ -2,11 +2,11 @@
 read model, with the default cache (CACHE_MAX_IMAGES=20000) and with the whole read
 model cached (CACHE_MAX_IMAGES=200000).
 
-Per setting and repetition: start the service (one process), send one signed request
-per image of the read model in random order (the coverage pass: every image goes
-through the cache; images no bench account may see are answered 404 and are cached
-too), then a normal measured wrk run over the visible images, then read VmRSS and
-VmHWM (the peak) from /proc/PID/status.
+Per setting and repetition, the part starts the service with one process. The coverage
+pass sends one signed request per image of the read model, in random order, so every
+image goes through the cache. Images that no bench account may see get 404 responses
+and are cached too. A measured wrk run over the visible images follows, then the part
+reads VmRSS and VmHWM (the peak) from /proc/PID/status.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run(ctx: Context) -> None:
                   f"after {coverage['sent']:,} coverage requests, {rss_mb:.0f} MB after the load run "
                   f"({figures['rps']:,.0f} req/s, p99 {figures['p99_ms']:.1f} ms)", flush=True)
             # The last wrk run of the pass goes past the end of the file and starts over, so
-            # the 404 answers to hidden images are expected in proportion to what was sent.
+            # the 404 responses to hidden images are expected in proportion to what was sent.
             expected = cover_file.expected_errors * coverage["sent"] / cover_file.count
             if abs(coverage["status_errors"] - expected) > 0.1 * expected + 10:
                 results.note(f"memory {label} repetition {rep + 1}: {coverage['status_errors']} non-2xx answers "

@@ -20,7 +20,7 @@ from bench.config import STATE_DIR
 
 
 class BenchError(Exception):
-    """A benchmark step cannot go on; the message says what failed and what to check."""
+    """A benchmark step failed; the message names what failed and what to check."""
 
 
 class Process:
@@ -94,14 +94,14 @@ def require_free_port(port: int) -> None:
 
 
 def wait_http(url: str, processes: list[Process], timeout: float = 30.0, status: int = 200) -> None:
-    """Wait until GET `url` answers `status`; raise when a process exits or time runs out."""
+    """Wait until GET `url` returns `status`; raise when a process exits or time runs out."""
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
         for process in processes:
             if not process.running():
                 raise BenchError(f"{process.name} exited with status {process.popen.returncode} before {url} "
-                                 f"answered; its log ({process.log_path}) ends with:\n{process.tail()}")
+                                 f"responded; its log ({process.log_path}) ends with:\n{process.tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == status:
@@ -112,7 +112,7 @@ def wait_http(url: str, processes: list[Process], timeout: float = 30.0, status:
         except OSError as exc:
             last_error = repr(exc)
         time.sleep(0.1)
-    raise BenchError(f"{url} did not answer {status} within {timeout:g} s (last: {last_error})")
+    raise BenchError(f"{url} did not return {status} within {timeout:g} s (last: {last_error})")
 
 
 def children_of(pid: int) -> list[int]:

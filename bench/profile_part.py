@@ -47,6 +47,7 @@ def summarize(collapsed: Path) -> str:
         for frame in set(frames):
             inclusive[frame] += count
         own[frames[-1]] += count
+
     if not total:
         return "py-spy recorded no samples"
     by_file: collections.Counter[str] = collections.Counter()
@@ -55,6 +56,7 @@ def summarize(collapsed: Path) -> str:
         # its inclusive share, since nested calls within a file are counted once per stack.
         location = frame.rpartition("(")[2].rstrip(")").rpartition(":")[0]
         by_file[location] = max(by_file[location], count)
+
     lines = [f"{total} samples (idle time of the event loop is not sampled)", "",
              "inclusive share by source file (largest function of the file):"]
     lines += [f"  {100 * count / total:5.1f} %  {location}" for location, count in by_file.most_common(_TOP)

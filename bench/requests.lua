@@ -5,7 +5,7 @@
 -- FILE has one request per line: method, path, then "Name: value" headers, separated
 -- by tabs. OFFSET (default 0) is the first line to send, so a measured run does not
 -- repeat the requests of its warm-up. BENCH_RATE (requests per second per wrk thread)
--- holds each thread to a fixed schedule: each request takes the next slot, and delay()
+-- puts each thread on a fixed schedule: each request takes the next slot, and delay()
 -- waits until that slot. It is an environment variable because wrk decides whether the
 -- script has a delay() before it passes the arguments, and a delay() that returns 0
 -- still costs a timer per request. Without it, requests go as fast as the connections allow.

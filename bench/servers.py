@@ -15,7 +15,7 @@ LABELS = {"bare": "(a) bare aiohttp", "naive": "(b) aiohttp+asyncpg", "service":
 
 def start(group: ProcessGroup, kind: str, processes: int, port: int, extra_env: dict[str, str] | None = None,
           tag: str = "") -> list[Process]:
-    """Start `kind` with `processes` processes on `port` and wait until it answers."""
+    """Start `kind` with `processes` processes on `port` and wait until it responds."""
     require_free_port(port)
     name = f"{kind}-{processes}p{tag}"
     started: list[Process] = []
@@ -35,8 +35,9 @@ def start(group: ProcessGroup, kind: str, processes: int, port: int, extra_env: 
     wait_http(url, started)
     if kind == "service" and processes > 1:
         _wait_children(started[0], processes)
-    # Every process answers before the measurement starts: with SO_REUSEPORT the kernel
-    # spreads new connections over the sockets, so a few more probes reach each one.
+    # With SO_REUSEPORT the kernel spreads new connections over the sockets by a hash.
+    # More probes make it likely, though not certain, that every process has started,
+    # and the warm-up covers any that has not.
     for _ in range(10 * processes):
         wait_http(url, started)
     return started

@@ -117,8 +117,8 @@ def generate(accounts: list[Account], visible: Visibility, count: int, name: str
 def generate_coverage(accounts: list[Account], visible: Visibility, image_uuids: list[str], name: str,
                       seed: int) -> RequestFile:
     """Write one request per image of `image_uuids`, in random order, each signed by an
-    account that can see it; images no bench account can see are asked by the first
-    account and answered 404 (they still pass through the cache)."""
+    account that can see it. The first account requests the images that no bench account
+    can see; they get 404 responses but still pass through the cache."""
     started = time.time()
     rng = random.Random(seed)
     dates = _dates(started)

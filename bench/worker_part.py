@@ -4,8 +4,8 @@ Per repetition:
 1. Build N `image.updated` events, one per image of the read model (N = 100,000 in the
    full profile), each with the image's next revision and a new marker in its tags.
 2. Publish them once with the service's producer (`EventPublisher.publish_many`, checked
-   and confirmed) to an exchange of the bench's own, to which three queues are bound, so
-   each queue holds the same N messages: publishing runs at a few thousand events per
+   and confirmed) to an exchange of the bench's own. Three queues are bound to it, so
+   each queue receives the same N messages. Publishing runs at a few thousand events per
    second here, and one fill instead of three saves minutes.
 3. Drain queue 1 with the baseline, a bare aio-pika consumer that acks each message and
    touches no database (bench/bare_consumer.py).
@@ -13,9 +13,9 @@ Per repetition:
 5. Put the images' revisions back to what they were before step 4 and empty event_log,
    so the same events are new again, VACUUM, then drain queue 3 with two workers.
 
-Throughput is (N - 1) divided by the time from the first processed event to the last:
-for the bare consumer its first and last ack, for workers the first and last
-per-event log line (the worker logs each event after settling its batch).
+Throughput is (N - 1) divided by the time from the first processed event to the last.
+For the bare consumer these are its first and last ack. For workers they are the first
+and last per-event log lines, which a worker writes after it settles each batch.
 """
 
 from __future__ import annotations
