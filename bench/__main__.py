@@ -1,0 +1,130 @@
+"""Command line of the benchmark suite: `bench/run [--part PART] [--quick] [--runs N]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shlex
+import sys
+import time
+
+from bench import config, dataset, report
+from bench.context import Context
+from bench.processes import BenchError, require_free_port
+
+PARTS = ("http", "freshness", "worker", "memory")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Benchmark the service against baselines measured in the same session; "
+                    "see docs/benchmarks.md.")
+    parser.add_argument("--part", action="append", choices=PARTS + ("profile",),
+                        help="run only this part (repeatable; default: http, freshness, worker, memory; "
+                             "'profile' samples one API process under load with py-spy)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (3 s HTTP, 8 s freshness, 10,000 worker events) and 1 repetition")
+    parser.add_argument("--runs", type=int, help="repetitions of every measurement (default 3, or 1 with --quick)")
+    parser.add_argument("--processes", default="1,2", help="API process counts of the HTTP part (default 1,2)")
+    parser.add_argument("--port", type=int, default=18080, help="port of the servers under test (default 18080)")
+    parser.add_argument("--worker-port", type=int, default=18091,
+                        help="first health port of the workers (default 18091; two workers use it and the next)")
+    parser.add_argument("--unique-baselines", action="store_true",
+                        help="sign a file large enough for each baseline run too, so no signature repeats "
+                             "there either (adds minutes of signing)")
+    parser.add_argument("--freshness-load", type=float, default=0.5,
+                        help="HTTP load of the freshness part, as a fraction of the service's 1-process peak (default 0.5)")
+    parser.add_argument("--reset-data", action="store_true", help="reload the 100,000 images of the bench database")
+    return parser
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    with open("/proc/meminfo") as meminfo:
+        memory_gib = int(meminfo.readline().split()[1]) / 1024 / 1024
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({model}), {memory_gib:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}; load average {load}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    profile = config.Profile.quick() if args.quick else config.Profile.full()
+    runs = args.runs or (1 if args.quick else 3)
+    if runs < 1:
+        print("bench/run: --runs must be at least 1", file=sys.stderr)
+        return 2
+    parts = args.part or list(PARTS)
+    command = "bench/run " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
+    results = report.Results()
+    print(f"{command}\nmachine: {_machine()}\nprofile: {profile.name}, {runs} repetition(s)", flush=True)
+    try:
+        if set(parts) & {"http", "freshness", "memory", "profile"}:
+            from bench import wrk
+
+            wrk.require_wrk()
+            require_free_port(args.port)
+        accounts = dataset.prepare(reset=args.reset_data)
+        ctx = Context(profile=profile, runs=runs, port=args.port, worker_port=args.worker_port, accounts=accounts,
+                      visible=dataset.visibility(), results=results, unique_baselines=args.unique_baselines,
+                      freshness_load=args.freshness_load,
+                      process_counts=tuple(int(p) for p in args.processes.split(",")))
+        asyncio.run(dataset.vacuum())
+        try:
+            _run_parts(ctx, parts)
+        finally:
+            if set(parts) & {"freshness", "worker"}:
+                from bench import worker_part
+
+                dead_letters = asyncio.run(worker_part.cleanup())
+                for queue, messages in dead_letters.items():
+                    if messages:
+                        results.note(f"{queue} held {messages} dead-lettered messages")
+    except BenchError as exc:
+        print(f"bench/run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if results.rows:
+            print("\n" + report.format_table(results.rows))
+            for text in results.notes:
+                print(f"note: {text}")
+            print(f"\nmachine at the end: {_machine()}")
+            print(f"raw figures: {results.save(command)}")
+    return 0
+
+
+def _run_parts(ctx: Context, parts: list[str]) -> None:
+    started = time.monotonic()
+    if "http" in parts:
+        from bench import http_part
+
+        http_part.run(ctx)
+    if "freshness" in parts:
+        from bench import freshness_part
+
+        freshness_part.run(ctx)
+    if "worker" in parts:
+        from bench import worker_part
+
+        worker_part.run(ctx)
+    if "memory" in parts:
+        from bench import memory_part
+
+        memory_part.run(ctx)
+    if "profile" in parts:
+        from bench import profile_part
+
+        profile_part.run(ctx)
+    print(f"parts took {time.monotonic() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The two processes of the freshness part, started by bench/freshness_part.py:
+
+    python -m bench.freshness_agents publish PLAN.json
+    python -m bench.freshness_agents poll PLAN.json
+
+`publish` sends the events of the plan with the service's producer
+(`workers.producer.EventPublisher`: publisher confirms, each event checked against the
+contract). Event k goes at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when
+it is sent. The agent records when it called publish() and when the confirm came back.
+
+`poll` watches the sampled images. From the time an event is due, it sends signed
+GetImage requests for its image until the response shows the event's marker. It waits
+max(min_interval, 10 % of the time spent so far) between polls, so a slow change costs
+few requests.
+Both write a JSON result file. CLOCK_MONOTONIC is shared by all processes of the machine,
+so the orchestrator can subtract one process's times from the other's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+import uvloop
+
+from service.settings import Settings
+from workers.producer import EventPublisher
+
+
+async def publish(plan: dict) -> dict:
+    settings = Settings.from_env({}, amqp_url=plan["amqp_url"], amqp_exchange=plan["exchange"],
+                                 amqp_queue=plan["queue"])
+    with open(plan["events_path"], "rb") as handle:
+        events = [orjson.loads(line) for line in handle]
+    rate = plan["rate"]
+    t0 = plan["t0"]
+    sample_every = plan["sample_every"]
+    called = [0.0] * len(events)
+    confirmed = [0.0] * len(events)
+    failures: list[str] = []
+
+    async with EventPublisher.connect(settings) as publisher:
+        async def send(index: int) -> None:
+            called[index] = time.monotonic()
+            event = events[index]
+            event["time"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            try:
+                await publisher.publish(event)
+            except Exception as exc:  # noqa: BLE001 (reported in the result, the run goes on)
+                failures.append(f"event {index}: {exc!r}")
+            confirmed[index] = time.monotonic()
+
+        tasks = []
+        sent = 0
+        while sent < len(events):
+            now = time.monotonic()
+            due = min(len(events), int((now - t0) * rate) + 1) if now >= t0 else 0
+            while sent < due:
+                tasks.append(asyncio.create_task(send(sent)))
+                sent += 1
+            next_due = t0 + sent / rate
+            await asyncio.sleep(max(0.0005, next_due - time.monotonic()))
+        await asyncio.gather(*tasks)
+
+    lags = sorted(called[k] - (t0 + k / rate) for k in range(len(events)))
+    return {
+        "count": len(events),
+        "first_call": called[0],
+        "last_call": called[-1],
+        "publish_lag_p50": lags[len(lags) // 2],
+        "publish_lag_p99": lags[int(len(lags) * 0.99)],
+        "confirm_p99": sorted(c - s for c, s in zip(confirmed, called))[int(len(events) * 0.99)],
+        "samples": {str(k): [called[k], confirmed[k]] for k in range(0, len(events), sample_every)},
+        "failures": failures[:20],
+        "failure_count": len(failures),
+    }
+
+
+async def poll(plan: dict) -> dict:
+    t0 = plan["t0"]
+    min_interval = plan["min_interval"]
+    timeout = plan["timeout"]
+    base = plan["base_url"]
+    seen: dict[str, dict] = {}
+    connector = aiohttp.TCPConnector(limit=plan["connections"])
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        async def watch(sample: dict) -> None:
+            start = t0 + sample["scheduled"]
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            marker = sample["marker"].encode()
+            last_negative = None
+            polls = 0
+            errors = 0
+            while True:
+                sent = time.monotonic()
+                try:
+                    async with session.get(base + sample["path"], headers=sample["headers"]) as response:
+                        body = await response.read()
+                        status = response.status
+                except aiohttp.ClientError:
+                    status, body = 0, b""
+                received = time.monotonic()
+                polls += 1
+                if status == 200 and marker in body:
+                    seen[sample["index"]] = {"seen": received, "last_negative_sent": last_negative, "polls": polls,
+                                             "errors": errors}
+                    return
+                if status != 200:
+                    errors += 1
+                else:
+                    last_negative = sent
+                waited = received - start
+                if waited > timeout:
+                    seen[sample["index"]] = {"seen": None, "last_negative_sent": last_negative, "polls": polls,
+                                             "errors": errors}
+                    return
+                await asyncio.sleep(max(min_interval, waited * 0.10))
+
+        started = time.monotonic()
+        await asyncio.gather(*(watch(sample) for sample in plan["samples"]))
+        seconds = time.monotonic() - started
+    polls = sum(sample["polls"] for sample in seen.values())
+    return {"samples": seen, "polls": polls, "poll_rate": polls / seconds if seconds > 0 else 0.0}
+
+
+def main() -> int:
+    role, plan_path = sys.argv[1], sys.argv[2]
+    with open(plan_path, "rb") as handle:
+        plan = orjson.loads(handle.read())
+    uvloop.install()
+    result = asyncio.run(publish(plan) if role == "publish" else poll(plan))
+    with open(plan["result_path"], "wb") as handle:
+        handle.write(orjson.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
