@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingsError as exc:
         print(f"python -m service: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_format, settings.log_level)
+    # The server logs a line per request, so it writes its log in batches.
+    logs.configure(settings.log_format, settings.log_level, buffered=args.command in (None, "serve"))
 
     if args.command == "migrate":
         from service.migrate import migrate

@@ -118,6 +118,7 @@ async def _database_context(app: web.Application):
         size=settings.db_pool_size,
         connect_timeout=settings.db_connect_timeout,
         application_name="cloudapi-images-api",
+        read_only=True,
     )
     store = ImageStore(pool, query_timeout=settings.db_query_timeout, cache_size=settings.cache_max_images)
     keys = KeyStore(pool, query_timeout=settings.db_query_timeout)
@@ -197,6 +198,7 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None) -> Non
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     log.info("api_stopped", pid=os.getpid())
+    logs.flush()
 
 
 def _listening_socket(settings: Settings) -> socket.socket:
@@ -219,7 +221,7 @@ def _install_event_loop_policy() -> None:
 
 
 def _serve_process(settings: Settings) -> None:
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, buffered=True)
     _install_event_loop_policy()
     sock = _listening_socket(settings)
     asyncio.run(serve(settings, sock=sock))

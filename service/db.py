@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 from importlib import resources
 
@@ -52,8 +53,12 @@ async def create_pool(
     connect_timeout: float,
     application_name: str,
     min_size: int | None = None,
+    read_only: bool = False,
 ) -> asyncpg.Pool:
-    """Create a pool; connections are opened lazily, so this succeeds while Postgres is down."""
+    """Create a pool; connections are opened lazily, so this succeeds while Postgres is down.
+
+    A `read_only` pool skips asyncpg's reset query when a connection is released.
+    """
     return await asyncpg.create_pool(
         dsn,
         min_size=0 if min_size is None else min_size,
@@ -61,4 +66,53 @@ async def create_pool(
         timeout=connect_timeout,
         max_inactive_connection_lifetime=300,
         server_settings={"application_name": application_name},
+        reset=_keep_session_state if read_only else None,
     )
+
+
+class FairGate:
+    """A first-come, first-served limit on concurrent users of a pool.
+
+    asyncio's primitives let a newly arriving task take a freed slot before the tasks
+    already waiting for one; under load a few unlucky requests then wait for a long time
+    (a high p99 with a low median). Here a freed slot is handed to the oldest waiter.
+    """
+
+    def __init__(self, slots: int):
+        self._free = slots
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just as this task was cancelled: pass it on.
+                self._release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    async def __aexit__(self, *_exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
+async def _keep_session_state(connection: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (one more round trip per request).
+
+    Safe for the API's pool only: its statements are plain reads, which leave no session
+    state (locks, cursors, listeners, settings) behind to reset.
+    """

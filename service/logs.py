@@ -6,9 +6,12 @@ Every line carries a stable `event` name in the form `<noun>_<past verb>` (for e
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
+import threading
+import time
 
 import orjson
 import structlog
@@ -32,12 +35,102 @@ def _orjson_dumps(event_dict, **_kwargs) -> bytes:
 _dict_tracebacks = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 
 
-def configure(log_format: str = "json", level: str = "info", *, cache: bool = True) -> None:
-    """Configure structlog for JSON lines (deployments) or coloured console output."""
+class _Timestamper:
+    """Add `timestamp` in ISO 8601 UTC with microseconds, like structlog's TimeStamper
+    with fmt="iso" and utc=True, for a fraction of its cost: the date and time part is
+    formatted once per second."""
+
+    def __init__(self):
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger, _method, event_dict):
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event_dict
+
+
+class BufferedLineWriter:
+    """Collect log lines in memory and write them out in batches.
+
+    A write system call per line costs as much as a fifth of a cached GetImage. Lines are
+    written when 64 KiB have gathered, at least every 200 ms by a background thread, and
+    at exit; so a process killed with SIGKILL can lose the last 200 ms of its log.
+    """
+
+    FLUSH_INTERVAL = 0.2  # seconds
+    FLUSH_SIZE = 64 * 1024  # bytes
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True).start()
+        atexit.register(self.flush)
+
+    def write_line(self, line: bytes) -> None:
+        with self._lock:
+            self._buffer += line
+            self._buffer += b"\n"
+            if len(self._buffer) >= self.FLUSH_SIZE:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._buffer:
+            try:
+                self._stream.write(self._buffer)
+                self._stream.flush()
+            except (OSError, ValueError):
+                # stdout is gone (closed pipe, interpreter shutting down): nothing to do.
+                pass
+            self._buffer.clear()
+
+    def _flush_periodically(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_INTERVAL)
+            self.flush()
+
+
+class _BufferedLogger:
+    """The structlog logger of `BufferedLineWriter`: every level writes the rendered line."""
+
+    def __init__(self, writer: BufferedLineWriter):
+        self._write = writer.write_line
+
+    def msg(self, message: bytes) -> None:
+        self._write(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+_writer: BufferedLineWriter | None = None
+
+
+def flush() -> None:
+    """Write out the buffered log lines now (before an exit that skips atexit)."""
+    if _writer is not None:
+        _writer.flush()
+
+
+def configure(log_format: str = "json", level: str = "info", *, cache: bool = True, buffered: bool = False) -> None:
+    """Configure structlog for JSON lines (deployments) or coloured console output.
+
+    `buffered` writes JSON lines in batches (see BufferedLineWriter): for long-running
+    processes that log a line per request or per event.
+    """
+    global _writer
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Timestamper(),
     ]
     if log_format == "console":
         # plain_traceback, because structlog's default for the console (rich, when it is
@@ -49,7 +142,13 @@ def configure(log_format: str = "json", level: str = "info", *, cache: bool = Tr
             _dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
-        logger_factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        if buffered:
+            if _writer is None:
+                _writer = BufferedLineWriter(sys.stdout.buffer)
+            buffered_logger = _BufferedLogger(_writer)
+            logger_factory = lambda *_args: buffered_logger  # noqa: E731 (structlog wants a callable)
+        else:
+            logger_factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -55,12 +55,13 @@ async def get_image(request: web.Request) -> web.Response:
     if not _IMAGE_ID.match(image_id):
         raise ResourceNotFound(f"{image_id} not found")
 
-    record = await request.app[IMAGE_STORE].get(image_id)
+    rendering = rendering_for(request[API_VERSION])
+    record = await request.app[IMAGE_STORE].get(image_id, rendering)
     caller = request.get(CALLER)
     if record is None or not record.visible_to(None if caller is None else caller.uuid):
         # Hidden and missing images get the same answer, so a stranger learns nothing.
         raise ResourceNotFound(f"image {image_id} not found")
-    body, md5 = record.answer(rendering_for(request[API_VERSION]))
+    body, md5 = record.answer(rendering)
     return build_response(request, status=200, body=body, md5=md5)
 
 

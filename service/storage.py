@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
@@ -29,18 +30,29 @@ _QUERIES = db.load_queries("read.sql")
 _ACTIVATED_STATES = frozenset({"active", "disabled"})
 
 
+_EMPTY_ACL: frozenset[str] = frozenset()
+
+
+def _exact(data: bytes) -> bytes:
+    # orjson returns bytes whose memory block keeps the capacity of its output buffer
+    # (about 8 KiB here for a 600-byte body); a copy holds just the bytes, which matters
+    # for tens of thousands of cached answers.
+    return bytes(memoryview(data))
+
+
 @dataclass(slots=True)
 class ImageRecord:
-    """One live image: what visibility needs, the manifest, and the answers rendered so far."""
+    """One live image: what visibility needs, and its answers rendered so far.
 
-    uuid: str
-    revision: int
+    The manifest itself is not kept: an answer for another API version class is rare,
+    and rendering it means reading the row again.
+    """
+
     owner: str | None
     public: bool
     state: str | None
     acl: frozenset[str]
-    manifest_json: bytes
-    answers: list[tuple[bytes, str] | None] = field(default_factory=lambda: [None, None, None])
+    answers: list[tuple[bytes, str] | None]
 
     def visible_to(self, account_uuid: str | None) -> bool:
         """Apply CloudAPI's visibility rules for the account `account_uuid`.
@@ -56,14 +68,25 @@ class ImageRecord:
             return False
         return self.public or account_uuid in self.acl
 
-    def answer(self, rendering: Rendering) -> tuple[bytes, str]:
-        """Return the JSON body for `rendering` and its base64 MD5, rendering it once."""
-        cached = self.answers[rendering]
-        if cached is None:
-            body = render(orjson.loads(self.manifest_json), rendering)
-            cached = (body, base64.b64encode(hashlib.md5(body).digest()).decode("ascii"))
-            self.answers[rendering] = cached
-        return cached
+    def answer(self, rendering: Rendering) -> tuple[bytes, str] | None:
+        """Return the JSON body for `rendering` and its base64 MD5, if rendered already."""
+        return self.answers[rendering]
+
+
+def _record(row, rendering: Rendering) -> ImageRecord:
+    body = _exact(render(orjson.loads(row["manifest"]), rendering))
+    answers: list[tuple[bytes, str] | None] = [None, None, None]
+    answers[rendering] = (body, base64.b64encode(hashlib.md5(body).digest()).decode("ascii"))
+    owner = row["owner"]
+    acl = row["acl"]
+    return ImageRecord(
+        # Owners and states repeat across images; one shared string each saves memory.
+        owner=sys.intern(owner) if owner is not None else None,
+        public=bool(row["public"]),
+        state=sys.intern(row["state"]) if row["state"] is not None else None,
+        acl=frozenset(acl) if acl else _EMPTY_ACL,
+        answers=answers,
+    )
 
 
 class _Missing:
@@ -107,6 +130,7 @@ class ImageStore(Subscriber):
 
     def __init__(self, pool: asyncpg.Pool, *, query_timeout: float, cache_size: int):
         self._pool = pool
+        self._gate = db.FairGate(pool.get_max_size())
         self._query_timeout = query_timeout
         self._live = _LRU(cache_size)
         self._missing = _LRU(min(cache_size, max(1024, cache_size // 4)) if cache_size else 0)
@@ -139,27 +163,35 @@ class ImageStore(Subscriber):
     def cached_images(self) -> int:
         return len(self._live) + len(self._missing)
 
-    async def get(self, uuid: str) -> ImageRecord | None:
-        """Return the live image `uuid`, or None when it does not exist or was deleted."""
+    async def get(self, uuid: str, rendering: Rendering) -> ImageRecord | None:
+        """Return the live image `uuid` with its answer for `rendering`, or None when it
+        does not exist or was deleted."""
         if self._enabled:
             found = self._live.get(uuid)
             if found is None:
                 found = self._missing.get(uuid)
             if found is not None:
-                self.hits += 1
-                return None if found is MISSING else found
-            pending = self._loading.get(uuid)
-            if pending is not None:
-                return await asyncio.shield(pending)
+                if found is MISSING:
+                    self.hits += 1
+                    return None
+                if found.answers[rendering] is not None:
+                    self.hits += 1
+                    return found
+            else:
+                pending = self._loading.get(uuid)
+                if pending is not None:
+                    record = await asyncio.shield(pending)
+                    if record is None or record.answers[rendering] is not None:
+                        return record
         self.misses += 1
         if not self._enabled:
-            return await self._fetch(uuid)
+            return await self._fetch(uuid, rendering)
 
         future = asyncio.get_running_loop().create_future()
         self._loading[uuid] = future
         generation = self._generation
         try:
-            record = await self._fetch(uuid)
+            record = await self._fetch(uuid, rendering)
         except BaseException as exc:
             if self._loading.get(uuid) is future:
                 del self._loading[uuid]
@@ -174,14 +206,20 @@ class ImageStore(Subscriber):
                 if record is None:
                     self._missing.put(uuid, MISSING)
                 else:
+                    # Keep the answers for other versions rendered from the same revision.
+                    previous = self._live.get(uuid)
+                    if previous is not None and previous is not record:
+                        for index, answer in enumerate(previous.answers):
+                            if record.answers[index] is None:
+                                record.answers[index] = answer
                     self._live.put(uuid, record)
         future.set_result(record)
         return record
 
-    async def _fetch(self, uuid: str) -> ImageRecord | None:
+    async def _fetch(self, uuid: str, rendering: Rendering) -> ImageRecord | None:
         try:
             async with asyncio.timeout(self._query_timeout):
-                async with self._pool.acquire() as connection:
+                async with self._gate, self._pool.acquire() as connection:
                     row = await connection.fetchrow(_QUERIES["get_image"], uuid)
         except Exception as exc:
             if db.is_transient(exc):
@@ -189,21 +227,13 @@ class ImageStore(Subscriber):
             raise
         if row is None or row["deleted"]:
             return None
-        return ImageRecord(
-            uuid=uuid,
-            revision=row["revision"],
-            owner=row["owner"],
-            public=bool(row["public"]),
-            state=row["state"],
-            acl=frozenset(row["acl"] or ()),
-            manifest_json=row["manifest"].encode("utf-8"),
-        )
+        return _record(row, rendering)
 
     async def ping(self, timeout: float) -> None:
         """Run a trivial query; raise DatabaseUnavailable when Postgres does not answer."""
         try:
             async with asyncio.timeout(timeout):
-                async with self._pool.acquire() as connection:
+                async with self._gate, self._pool.acquire() as connection:
                     await connection.fetchval(_QUERIES["ping_database"])
         except Exception as exc:
             raise DatabaseUnavailable(repr(exc)) from exc

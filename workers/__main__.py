@@ -54,6 +54,7 @@ async def _run(settings: settings_module.Settings) -> int:
     finally:
         if health is not None:
             await health.cleanup()
+        logs.flush()
 
 
 async def _seed(settings: settings_module.Settings, files: list[Path]) -> int:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except settings_module.SettingsError as exc:
         print(f"python -m workers: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_format, settings.log_level)
+    # A worker logs a line per event, so it writes its log in batches.
+    logs.configure(settings.log_format, settings.log_level, buffered=args.command in (None, "run"))
 
     if args.command == "seed":
         from workers.seed import SeedError

@@ -20,6 +20,7 @@ headers. Verifying the signature against a key happens later, in `service.auth.s
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -89,11 +90,19 @@ def _format_seconds(milliseconds: int) -> str:
     return f"{milliseconds / 1000:.3f}".rstrip("0")
 
 
+# A well-formed parameter list: what the loop below accepts, in one regular expression,
+# for the common case. Anything else goes through the loop, which names the error.
+_WELL_FORMED = re.compile(r'[A-Za-z]+="[^"]*"(?:,[A-Za-z]+="[^"]*")*')
+_PARAMETER = re.compile(r'([A-Za-z]+)="([^"]*)"')
+
+
 def _parse_current(value: str) -> tuple[str, dict[str, str]]:
     scheme, space, rest = value.partition(" ")
     params: dict[str, str] = {}
     if not space:
         return scheme, params
+    if _WELL_FORMED.fullmatch(rest):
+        return scheme, dict(_PARAMETER.findall(rest))
     index = 0
     length = len(rest)
     while index < length:
