@@ -40,10 +40,11 @@ METRICS = web.AppKey("metrics", ApiMetrics)
 
 def _access_logger(settings: Settings):
     logger = structlog.get_logger("access")
+    # In a server process the log is buffered JSON, and the line skips structlog's
+    # processor chain (a tenth of a cached GetImage); elsewhere it goes through structlog.
+    write_line = logs.line_writer("access")
 
     def observe(request: web.Request, spec, status: int, seconds: float, error) -> None:
-        if not settings.access_log:
-            return
         caller = request.get(CALLER)
         fields = {
             "method": request.method,
@@ -56,7 +57,11 @@ def _access_logger(settings: Settings):
             fields["login"] = caller.login
         if error is not None:
             fields["error_code"] = error.code
-        if status >= 500:
+        if write_line is not None and status < 500:
+            fields["event"] = "request_served"
+            fields["level"] = "info"
+            write_line(fields)
+        elif status >= 500:
             logger.error("request_served", **fields)
         else:
             logger.info("request_served", **fields)

@@ -112,6 +112,29 @@ class _BufferedLogger:
 
 
 _writer: BufferedLineWriter | None = None
+_timestamper = _Timestamper()
+_level_number = logging.INFO
+
+
+def line_writer(logger_name: str):
+    """Return a function that writes one JSON log line from a dict, or None.
+
+    It skips structlog's processor chain, for the one line per request of the API; the
+    line has the keys structlog's would have (`event`, `level`, `timestamp`, the bound
+    context is not included). Only when the log is buffered JSON; otherwise callers use
+    structlog.
+    """
+    if _writer is None or _level_number > logging.INFO:
+        return None
+    write = _writer.write_line
+    stamp = _timestamper
+
+    def write_line(fields: dict) -> None:
+        stamp(None, None, fields)
+        fields["logger"] = logger_name
+        write(_orjson_dumps(fields))
+
+    return write_line
 
 
 def flush() -> None:
@@ -126,12 +149,16 @@ def configure(log_format: str = "json", level: str = "info", *, cache: bool = Tr
     `buffered` writes JSON lines in batches (see BufferedLineWriter): for long-running
     processes that log a line per request or per event.
     """
-    global _writer
+    global _writer, _level_number
+    _level_number = _LEVELS[level]
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        _Timestamper(),
+        _timestamper,
     ]
+    if _writer is not None and (log_format != "json" or not buffered):
+        _writer.flush()
+        _writer = None
     if log_format == "console":
         # plain_traceback, because structlog's default for the console (rich, when it is
         # installed) shows the local variables of every frame.

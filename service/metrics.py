@@ -5,15 +5,16 @@ multiprocess mode is used: every child writes its values to memory-mapped files 
 `PROMETHEUS_MULTIPROC_DIR`, and the parent (`service.supervisor`) serves their aggregate
 on the one metrics port. docs/operations.md lists every metric.
 
-Per request the pipeline pays one counter increment and one histogram observation. The
-cache, pool and listener figures already exist as plain attributes, so they are copied
-into the metrics by `ApiMetrics.sample()`: before each scrape with one process, and every
+Per request the pipeline only adds to plain per-process tallies. Those, and the cache,
+pool and listener figures that already exist as plain attributes, are copied into the
+metrics by `ApiMetrics.sample()`: before each scrape with one process, and every
 `SAMPLE_INTERVAL` seconds in each child of a multi-process API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import glob
 import os
@@ -87,6 +88,7 @@ class ApiMetrics:
             registry=self.registry,
         )
 
+        self._tallies: dict[tuple[str, str, int], list] = {}
         self._store = None
         self._pool = None
         self._listener = None
@@ -96,25 +98,45 @@ class ApiMetrics:
     def request_recorder(self) -> RequestRecorder:
         """Return a function that counts one request and observes its duration.
 
-        The labelled children are looked up once per (route, method, status) and kept in
-        a dict, because `labels()` costs more than the increment itself.
+        It only adds to plain per-process tallies, a fraction of what the library's own
+        `inc()` and `observe()` cost (each takes a lock, and a file write in
+        multiprocess mode). `sample()` moves the tallies into the metrics before every
+        scrape, or every `SAMPLE_INTERVAL` in a child of a multi-process API.
         """
-        children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        requests = self.requests
-        request_seconds = self.request_seconds
+        tallies = self._tallies
+        buckets = _REQUEST_BUCKETS
 
         def record(route: str, method: str, status: int, seconds: float) -> None:
             if method not in _METHODS:
                 method = "other"
             key = (route, method, status)
-            pair = children.get(key)
-            if pair is None:
-                labels = (route, method, str(status))
-                pair = children[key] = (requests.labels(*labels), request_seconds.labels(*labels))
-            pair[0].inc()
-            pair[1].observe(seconds)
+            tally = tallies.get(key)
+            if tally is None:
+                # [requests, sum of seconds, count per bucket (the last one is +Inf)]
+                tally = tallies[key] = [0, 0.0, [0] * (len(buckets) + 1)]
+            tally[0] += 1
+            tally[1] += seconds
+            tally[2][bisect.bisect_left(buckets, seconds)] += 1
 
         return record
+
+    def _move_tallies(self) -> None:
+        """Add the request tallies gathered since the last call to the library's metrics."""
+        for key, tally in list(self._tallies.items()):
+            count, total, bucket_counts = tally
+            if not count:
+                continue
+            tally[0], tally[1], tally[2] = 0, 0.0, [0] * len(bucket_counts)
+            labels = (key[0], key[1], str(key[2]))
+            self.requests.labels(*labels).inc(count)
+            histogram = self.request_seconds.labels(*labels)
+            # prometheus_client has no call to observe many values at once, so the tallies
+            # go into the histogram's bucket and sum values (attributes of its children
+            # since prometheus_client 0.4; tests/ops/test_metrics.py checks the export).
+            histogram._sum.inc(total)
+            for index, bucket_count in enumerate(bucket_counts):
+                if bucket_count:
+                    histogram._buckets[index].inc(bucket_count)
 
     def watch(self, *, store, pool, listener) -> None:
         """Read the image cache, the pool and the change listener at every `sample()`."""
@@ -124,7 +146,9 @@ class ApiMetrics:
         self._copied = {"hits": store.hits, "misses": store.misses, "reconnects": listener.reconnects}
 
     def sample(self) -> None:
-        """Copy the current cache, pool and listener figures into the metrics."""
+        """Copy the request tallies and the current cache, pool and listener figures into
+        the metrics."""
+        self._move_tallies()
         store, pool, listener = self._store, self._pool, self._listener
         if store is None:
             return

@@ -242,6 +242,40 @@ def _legacy(value: str, view: RequestView, now: float) -> Credentials:
     return Credentials(params["keyId"], algorithm, signature, _signing_bytes(lines), legacy=True)
 
 
+# The header exactly as the triton and sdc-getimage clients send it: the four parameters
+# in this order, signing (request-target) and date, or date alone. Such a header is
+# parsed in one step; every other one goes through the general parsers below, which
+# give the same result for this form.
+_CLIENT_FORM = re.compile(r'Signature keyId="([^"]+)",algorithm="([^"]+)",headers="([^"]+)",signature="([^"]+)"')
+_CLIENT_HEADER_LISTS = frozenset({"(request-target) date", "date (request-target)", "date"})
+
+
+def _client_form(value: str, view: RequestView, now: float) -> Credentials | None:
+    match = _CLIENT_FORM.fullmatch(value)
+    if match is None:
+        return None
+    key_id, algorithm, listed, signature = match.groups()
+    algorithm = algorithm.lower()
+    if algorithm not in SUPPORTED_ALGORITHMS or listed not in _CLIENT_HEADER_LISTS:
+        return None
+    date = _header(view, "date")
+    if date is None:
+        return None
+    moment = parse_date(date)
+    if moment is None or round(abs(now - moment) * 1000) > MAX_CLOCK_SKEW * 1000:
+        return None
+    if listed == "date":
+        signing = f"date: {date}"
+    else:
+        target = f"(request-target): {view.method.lower()} {view.target}"
+        signing = f"{target}\ndate: {date}" if listed[0] == "(" else f"date: {date}\n{target}"
+    try:
+        signing_bytes = signing.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return Credentials(key_id, algorithm, signature, signing_bytes, legacy=False)
+
+
 def parse_authorization(value: str | None, view: RequestView, now: float) -> Credentials:
     """Parse the Authorization header of `view` at server time `now` (POSIX seconds).
 
@@ -250,6 +284,9 @@ def parse_authorization(value: str | None, view: RequestView, now: float) -> Cre
     """
     if not value:
         raise InvalidCredentials(NOT_AUTHENTICATED)
+    credentials = _client_form(value, view, now)
+    if credentials is not None:
+        return credentials
     scheme, space, _rest = value.partition(" ")
     if not space:
         raise InvalidHeader("BasicAuth content is invalid.")
