@@ -59,7 +59,7 @@ class BufferedLineWriter:
 
     A write system call per line costs as much as a fifth of a cached GetImage. Lines are
     written when 64 KiB have gathered, at least every 200 ms by a background thread, and
-    at exit; so a process killed with SIGKILL can lose the last 200 ms of its log.
+    at exit. A process killed with SIGKILL can therefore lose the last 200 ms of its log.
     """
 
     FLUSH_INTERVAL = 0.2  # seconds
