@@ -198,7 +198,12 @@ def _rabbitmqctl_json(rabbit: PrivateRabbit, *args: str) -> list[dict[str, Any]]
 
 
 async def queue_counts(rabbit: PrivateRabbit, queue: str) -> dict[str, int]:
-    """Return messages_ready, messages_unacknowledged and consumers of `queue`."""
+    """Return messages_ready, messages_unacknowledged and consumers of `queue`.
+
+    NOTE: for a quorum queue, RabbitMQ 3.10 refreshes these figures on the queue's tick,
+    every 5 s, so they lag behind; poll them for a steady state (see `until_counts`),
+    and use `ready_count` for an exact number of ready messages.
+    """
     rows = await asyncio.to_thread(
         _rabbitmqctl_json, rabbit, "list_queues", "name", "messages_ready", "messages_unacknowledged", "consumers"
     )
@@ -206,6 +211,29 @@ async def queue_counts(rabbit: PrivateRabbit, queue: str) -> dict[str, int]:
         if row["name"] == queue:
             return {key: int(row[key]) for key in ("messages_ready", "messages_unacknowledged", "consumers")}
     raise AssertionError(f"queue {queue} not found on node {rabbit.node_name}")
+
+
+async def until_counts(rabbit: PrivateRabbit, queue: str, *, timeout: float = 20.0, **expected: int) -> dict[str, int]:
+    """Poll `queue_counts` until every figure named in `expected` has its value; return them."""
+
+    async def matches():
+        counts = await queue_counts(rabbit, queue)
+        return counts if all(counts[key] == value for key, value in expected.items()) else None
+
+    return await poll(matches, timeout=timeout, interval=0.5, message=f"queue {queue} to reach {expected}")
+
+
+async def ready_count(settings: Settings, queue: str) -> int:
+    """Return the exact number of ready messages in `queue` (a passive declare)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count
+    finally:
+        await connection.close()
 
 
 async def consumers(rabbit: PrivateRabbit, queue: str) -> list[dict[str, Any]]:

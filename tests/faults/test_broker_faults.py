@@ -21,6 +21,7 @@ from tests.faults.harness import (
     poll,
     publish,
     queue_counts,
+    until_counts,
     wait_all_logged,
     worker_blocked_on_lock,
 )
@@ -71,9 +72,9 @@ async def test_rabbit_restart_with_events_in_flight(private_rabbit, steady_postg
         await wait_all_logged(dsn, events)
         await poll(lambda: running.ready_is(200), message="readiness after recovery")
 
+        await until_counts(private_rabbit, settings.amqp_queue, messages_ready=0, messages_unacknowledged=0)
+
     await assert_read_model(dsn, events)
-    counts = await queue_counts(private_rabbit, settings.amqp_queue)
-    assert counts["messages_ready"] + counts["messages_unacknowledged"] == 0
 
 
 @pytest.mark.timeout(120)
@@ -106,11 +107,7 @@ async def test_forced_close_while_holding_unacked(private_rabbit, steady_postgre
             await wait_all_logged(dsn, events)
             await poll(lambda: running.ready_is(200), message="readiness after recovery")
 
-            async def queue_drained():
-                counts = await queue_counts(private_rabbit, settings.amqp_queue)
-                return counts["messages_ready"] + counts["messages_unacknowledged"] == 0
-
-            await poll(queue_drained, message="every redelivered message to be acknowledged")
+            await until_counts(private_rabbit, settings.amqp_queue, messages_ready=0, messages_unacknowledged=0)
 
     await assert_read_model(dsn, events)
     stale = [entry for entry in logs if entry["event"] == "stale_acks"]
