@@ -132,6 +132,9 @@ class Worker:
         self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         # Messages taken from the buffer and put back, served before the buffer.
         self._front: list[AbstractIncomingMessage] = []
+        # Suspects held aside, unsettled, while other messages are processed; a multiple
+        # ack must not settle them (see `_ack`).
+        self._aside: list[AbstractIncomingMessage] = []
         # Buffered messages skipped since the last batch because their channel closed.
         self._stale_dropped = 0
         self._consumer_tag: str | None = None
@@ -467,17 +470,18 @@ class Worker:
                 others=len(others),
                 message_ids=[message.message_id for message in suspects[:20]],
             )
+            random.shuffle(suspects)
+            suspects.sort(key=_delivery_count)
+            self._aside = suspects
             size = self.settings.worker_batch_size
             for start in range(0, len(others), size):
                 await self._process(others[start : start + size])
-            random.shuffle(suspects)
-            suspects.sort(key=_delivery_count)
-            for index, message in enumerate(suspects):
-                if self._stopping.is_set():
-                    log.info("suspects_left_for_redelivery", count=len(suspects) - index)
-                    break
-                await self._process([message])
+            while self._aside and not self._stopping.is_set():
+                await self._process([self._aside.pop(0)])
+            if self._aside:
+                log.info("suspects_left_for_redelivery", count=len(self._aside))
         finally:
+            self._aside = []
             await self._resume("suspects")
 
     def _put_back_sentinel(self) -> None:
@@ -615,7 +619,7 @@ class Worker:
                 # worker stops); LEAVE is not settled at all.
                 left.append(message)
         failed = await self._nack(to_return)
-        ack_failed, error = await self._ack(to_ack, unsettled=left)
+        ack_failed, error = await self._ack(to_ack, unsettled=left + self._aside)
         failed += ack_failed
         if failed:
             # One line per batch, not per message.
@@ -671,12 +675,12 @@ class Worker:
     ) -> tuple[int, str | None]:
         """Ack `messages`; return how many acks failed, and the last error.
 
-        One `multiple` ack per channel when it is safe: the batch is taken from the head
-        of the buffer in delivery order and earlier batches are settled, so on a channel
-        where no message of this batch stays `unsettled` (or was nacked, which settles it
+        One `multiple` ack per channel when it is safe: a batch is taken from the head of
+        the buffer in delivery order and earlier batches are settled, so on a channel
+        where no message held by the worker stays `unsettled` (nacked ones are settled
         first), every unsettled tag up to the batch's highest belongs to `messages`.
-        Otherwise each message is acked on its own, so that the messages left unsettled
-        stay unsettled.
+        Otherwise each message is acked on its own, so that the messages left unsettled,
+        and the suspects held aside, stay unsettled.
         """
         if not messages:
             return 0, None
