@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import asyncpg
 import orjson
@@ -225,8 +226,6 @@ async def until_counts(rabbit: PrivateRabbit, queue: str, *, timeout: float = 20
 
 async def ready_count(settings: Settings, queue: str) -> int:
     """Return the exact number of ready messages in `queue` (a passive declare)."""
-    import aio_pika
-
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     try:
         channel = await connection.channel()
@@ -240,6 +239,60 @@ async def consumers(rabbit: PrivateRabbit, queue: str) -> list[dict[str, Any]]:
     """Return the consumers of `queue` with their tags and prefetch counts."""
     rows = await asyncio.to_thread(_rabbitmqctl_json, rabbit, "list_consumers", "queue_name", "consumer_tag", "prefetch_count")
     return [row for row in rows if row["queue_name"] == queue]
+
+
+async def nothing_settled(rabbit, settings, published: int) -> None:
+    """Check that every published message is still in the queue, ready or held.
+
+    A settled message never comes back, so a sum that reaches `published` while nothing
+    can commit proves that none was settled; polled because the figures lag.
+    """
+    counts = await queue_counts(rabbit, settings.amqp_queue)
+    if counts["messages_ready"] + counts["messages_unacknowledged"] != published:
+        await poll(
+            lambda: _sum_is(rabbit, settings, published), timeout=20, interval=0.5, message=f"{published} messages in the queue"
+        )
+
+
+async def _sum_is(rabbit, settings, published: int) -> bool:
+    counts = await queue_counts(rabbit, settings.amqp_queue)
+    return counts["messages_ready"] + counts["messages_unacknowledged"] == published
+
+
+async def queue_empty(rabbit, settings) -> bool:
+    """Whether the queue holds nothing, ready or unacknowledged (exact ready, lagging unacked)."""
+    if await ready_count(settings, settings.amqp_queue):
+        return False
+    counts = await queue_counts(rabbit, settings.amqp_queue)
+    return counts["messages_unacknowledged"] == 0
+
+
+async def publish_raw(settings: Settings, body: bytes, message_id: str, routing_key: str = "image.updated") -> None:
+    """Publish `body` as it is, bypassing the producer's contract check."""
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(settings.amqp_exchange)
+        await exchange.publish(
+            aio_pika.Message(body, message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=routing_key,
+        )
+    finally:
+        await connection.close()
+
+
+async def dead_letters(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
+    """Take every message of the dead-letter queue; return (message id, headers) of each."""
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    taken = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
+        while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
+            taken.append((message.message_id, dict(message.headers or {})))
+    finally:
+        await connection.close()
+    return taken
 
 
 # Postgres.

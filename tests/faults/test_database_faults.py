@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 
-import aio_pika
 import asyncpg
 import pytest
 
 from tests.faults.harness import (
+    dead_letters,
+    nothing_settled,
+    publish_raw,
+    queue_empty,
     assert_read_model,
     consumers,
     fault_settings,
@@ -32,32 +35,6 @@ from tests.helpers import manifest
 from workers.producer import image_event
 
 pytestmark = pytest.mark.faults
-
-
-async def nothing_settled(rabbit, settings, published: int) -> None:
-    """Check that every published message is still in the queue, ready or held.
-
-    A settled message never comes back, so a sum that reaches `published` while nothing
-    can commit proves that none was settled; polled because the figures lag.
-    """
-    counts = await queue_counts(rabbit, settings.amqp_queue)
-    if counts["messages_ready"] + counts["messages_unacknowledged"] != published:
-        await poll(
-            lambda: _sum_is(rabbit, settings, published), timeout=20, interval=0.5, message=f"{published} messages in the queue"
-        )
-
-
-async def _sum_is(rabbit, settings, published: int) -> bool:
-    counts = await queue_counts(rabbit, settings.amqp_queue)
-    return counts["messages_ready"] + counts["messages_unacknowledged"] == published
-
-
-async def queue_empty(rabbit, settings) -> bool:
-    """Whether the queue holds nothing, ready or unacknowledged (exact ready, lagging unacked)."""
-    if await ready_count(settings, settings.amqp_queue):
-        return False
-    counts = await queue_counts(rabbit, settings.amqp_queue)
-    return counts["messages_unacknowledged"] == 0
 
 
 @pytest.mark.timeout(120)
@@ -159,45 +136,18 @@ async def test_stop_during_outage_leaves_events_queued(private_postgres, steady_
         await asyncio.to_thread(private_postgres.stop, "fast")
         # Valid events first, the invalid one last: it has the batch's highest delivery tag.
         await publish(settings, good)
-        await _publish_raw(settings, b"{not json", "poison-last")
+        await publish_raw(settings, b"{not json", "poison-last")
         await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
 
     await until_counts(steady_rabbit, settings.amqp_queue, messages_ready=len(good), messages_unacknowledged=0)
     assert await ready_count(settings, settings.amqp_queue) == len(good)
-    letters = await _dead_letters(steady_rabbit, settings)
+    letters = await dead_letters(settings)
     assert [message_id for message_id, _ in letters] == ["poison-last"]
 
     await asyncio.to_thread(private_postgres.start)
     async with in_process_worker(settings):
         await wait_all_logged(dsn, good)
     await assert_read_model(dsn, good)
-
-
-async def _publish_raw(settings, body: bytes, message_id: str, routing_key: str = "image.updated") -> None:
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(settings.amqp_exchange)
-        await exchange.publish(
-            aio_pika.Message(body, message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=routing_key,
-        )
-    finally:
-        await connection.close()
-
-
-async def _dead_letters(rabbit, settings) -> list[tuple[str, dict]]:
-    """Take every message of the dead-letter queue: (message id, headers)."""
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    taken = []
-    try:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
-        while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
-            taken.append((message.message_id, dict(message.headers or {})))
-    finally:
-        await connection.close()
-    return taken
 
 
 @pytest.mark.timeout(120)
@@ -227,7 +177,7 @@ async def test_database_refusal_dead_letters_one_event(steady_postgres, steady_r
         assert await running.readiness() == 200
 
     await assert_read_model(dsn, good)
-    letters = await _dead_letters(steady_rabbit, settings)
+    letters = await dead_letters(settings)
     assert [message_id for message_id, _ in letters] == [refused["event_id"]]
     headers = letters[0][1]
     assert headers["x-rejection-reason"] == "rejected_by_database"
