@@ -17,6 +17,8 @@ Faults, and what the worker does about them:
 - A transient database error says nothing about the messages: the worker cancels its
   consumer (readiness turns false), retries the same batch with backoff, and consumes
   again once the commit succeeds; no valid event is dead-lettered because of an outage.
+- A migration that changes the result type of a prepared statement: the batch is
+  retried at once on a fresh statement (see `_apply_with_retry`).
 - A message that crashed workers before: see `_SUSPECT_DELIVERIES`.
 - SIGTERM: the consumer is cancelled at once, the batch in flight finishes and is
   settled, and closing the channel returns every other message to the queue. Every
@@ -77,6 +79,9 @@ _DETAIL_LIMIT = 1000  # characters of a rejection's detail kept in the dead-lett
 # only the suspects not processed yet and every innocent one is eventually processed.
 # Two, because one graceful restart returns up to a prefetch of messages at once.
 _SUSPECT_DELIVERIES = 2
+
+# Errors that say a migration changed a table under a prepared statement.
+_SCHEMA_CHANGED = (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)
 
 # Permanent broker errors: retrying the connection cannot fix them, so start() raises.
 _PERMANENT_BROKER_ERRORS = (aiormq.exceptions.ChannelPreconditionFailed, aiormq.exceptions.ChannelAccessRefused)
@@ -556,33 +561,48 @@ class Worker:
         return [(outcome, None) for outcome in result.outcomes]
 
     async def _apply_with_retry(self, events: list[Event]) -> BatchResult:
+        """Apply `events` in one transaction, retrying transient failures until it commits;
+        raise ShuttingDown when the worker stops first, and any other error at once."""
         delay = _RETRY_INITIAL
         failures = 0
+        schema_changes = 0
         while True:
             started = time.perf_counter()
             try:
                 async with self._pool.acquire() as connection:
                     result = await apply_batch(connection, events, apply_account_event=self._apply_account_event)
+            except _SCHEMA_CHANGED as exc:
+                # A migration changed a table under a statement this connection prepared.
+                # asyncpg dropped its copy but cannot retry inside a transaction. Every
+                # pooled connection may hit this once, so retry at once, up to the pool
+                # size, without pausing; beyond that it counts as an outage.
+                schema_changes += 1
+                if schema_changes <= self._pool.get_max_size():
+                    log.info("statement_cache_invalidated", error=repr(exc), retry=schema_changes)
+                    continue
+                error = exc
             except Exception as exc:
                 if not db.is_transient(exc):
                     raise
-                failures += 1
-                self._set_database_ok(False)
-                if failures == 1:
-                    log.warning("database_unavailable", error=repr(exc), batch=len(events))
-                    await self._pause("database")
-                if self._stopping.is_set():
-                    raise ShuttingDown() from exc
-                await self._sleep_unless_stopped(delay * (0.5 + random.random()))
-                delay = min(delay * 2, _RETRY_MAX)
-                continue
-            self.metrics.apply_seconds.observe(time.perf_counter() - started)
-            if not self.database_ok:
-                self._set_database_ok(True)
-            if failures:
-                log.info("database_recovered", retries=failures)
-                await self._resume("database")
-            return result
+                error = exc
+            else:
+                self.metrics.apply_seconds.observe(time.perf_counter() - started)
+                if not self.database_ok:
+                    self._set_database_ok(True)
+                if failures:
+                    log.info("database_recovered", retries=failures)
+                    await self._resume("database")
+                return result
+
+            failures += 1
+            self._set_database_ok(False)
+            if failures == 1:
+                log.warning("database_unavailable", error=repr(error), batch=len(events))
+                await self._pause("database")
+            if self._stopping.is_set():
+                raise ShuttingDown() from error
+            await self._sleep_unless_stopped(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _RETRY_MAX)
 
     # Settlement.
 

@@ -155,10 +155,10 @@ async def read_model(dsn: str, image_uuids: Iterable[str]) -> dict[str, tuple[in
 
 
 async def logged_event_ids(dsn: str) -> list[str]:
-    """Return the event ids of the event log, one entry per row."""
+    """Return the event ids of the image events in the event log, one entry per row."""
     connection = await asyncpg.connect(dsn, timeout=10)
     try:
-        rows = await connection.fetch("SELECT event_id::text FROM event_log ORDER BY seq")
+        rows = await connection.fetch("SELECT event_id::text FROM event_log WHERE type LIKE 'image.%' ORDER BY seq")
     finally:
         await connection.close()
     return [row["event_id"] for row in rows]
