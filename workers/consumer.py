@@ -482,7 +482,10 @@ class Worker:
             for start in range(0, len(others), size):
                 await self._process(others[start : start + size])
             while self._aside and not self._stopping.is_set():
-                await self._process([self._aside.pop(0)])
+                suspect = self._aside.pop(0)
+                # If this worker dies now, this line names the message that killed it.
+                log.warning("suspect_processing", message_id=suspect.message_id, delivery_count=_delivery_count(suspect))
+                await self._process([suspect])
             if self._aside:
                 log.info("suspects_left_for_redelivery", count=len(self._aside))
         finally:

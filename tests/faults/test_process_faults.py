@@ -194,6 +194,7 @@ async def test_crashing_message_reaches_delivery_limit(steady_postgres, steady_r
 
     await publish(settings, [poison])
     crashes = 0
+    crashed: list[WorkerProcess] = []
     for attempt in range(settings.amqp_delivery_limit + 3):
         worker = WorkerProcess.start(settings, tmp_path / f"worker-{attempt}.log", **crash)
         try:
@@ -204,6 +205,7 @@ async def test_crashing_message_reaches_delivery_limit(steady_postgres, steady_r
             break
         assert worker.process.returncode == CRASH_EXIT_STATUS
         crashes += 1
+        crashed.append(worker)
         if crashes == 1:
             # Published after the first crash, so that later workers take them together
             # with the crashing message.
@@ -217,6 +219,11 @@ async def test_crashing_message_reaches_delivery_limit(steady_postgres, steady_r
     deaths = letters[0][1]["x-death"]
     assert deaths[0]["reason"] == "delivery_limit"
     await assert_read_model(dsn, good)
+    # Once it is a suspect, the last line of each crashed worker that processed suspects
+    # names the message that crashed it.
+    last_suspects = [worker.logged("suspect_processing")[-1] for worker in crashed if worker.logged("suspect_processing")]
+    assert len(last_suspects) >= crashes - 2
+    assert {line["message_id"] for line in last_suspects} == {poison["event_id"]}
 
 
 async def _exit_or_dead_letter(worker: WorkerProcess, settings) -> bool:
