@@ -176,6 +176,10 @@ class Worker:
     def ready(self) -> bool:
         return self.consumer_active and self.database_ok and not self._stopping.is_set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     async def check_database(self, timeout: float = 1.0) -> bool:
         """Ping Postgres through the pool; used by readiness."""
         if self._pool is None:
