@@ -152,6 +152,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self.database_ok = False
+        self._broker_lost = False
         self.batches = 0
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics.consumer_active.set_function(lambda: 1 if self.consumer_active else 0)
@@ -360,13 +361,16 @@ class Worker:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._buffer.put_nowait(message)
 
-    def _on_connection_lost(self, *_args) -> None:
-        if not self._stopping.is_set():
-            log.warning("broker_connection_lost")
+    def _on_connection_lost(self, _sender, error=None) -> None:
+        # Called again for every failed reconnection attempt; logged once per outage.
+        if not self._stopping.is_set() and not self._broker_lost:
+            self._broker_lost = True
+            log.warning("broker_connection_lost", error=repr(error))
 
     def _on_reconnect(self, *_args) -> None:
         # Messages of the old channel were returned to the queue by the broker; their
         # buffered copies are skipped when a batch is taken (see `_next_batch`).
+        self._broker_lost = False
         log.info("broker_reconnected", consumer_restored=self.consumer_active, prefetch=self.settings.worker_prefetch)
 
     def stop(self) -> None:
