@@ -60,11 +60,11 @@ log = structlog.get_logger("worker")
 T = TypeVar("T")
 
 _RETRY_INITIAL = 0.1  # seconds before the first retry of a batch after a database error
-_RETRY_MAX = 5.0  # longest pause between retries
+_RETRY_MAX = 5.0  # maximum pause between retries
 _BROKER_TIMEOUT = 5.0  # seconds any single broker operation may take
 _CONNECT_TIMEOUT = 10.0  # seconds one connection attempt may take, topology included
 _CONNECT_RETRY_INITIAL = 0.5  # seconds before the second connection attempt at start
-_CONNECT_RETRY_MAX = 10.0  # longest pause between connection attempts at start
+_CONNECT_RETRY_MAX = 10.0  # maximum pause between connection attempts at start
 _RECONNECT_INTERVAL = 2  # seconds between the robust connection's reconnection attempts
 _CONSUMER_CHECK_INTERVAL = 1.0  # seconds between checks that a wanted consumer runs
 _DETAIL_LIMIT = 1000  # characters of a rejection's detail kept in the dead-letter header
@@ -73,14 +73,14 @@ _DETAIL_LIMIT = 1000  # characters of a rejection's detail kept in the dead-lett
 # closing while the message is unacknowledged) in its `x-delivery-count` header. A
 # worker that crashes returns every message it holds, so a message that crashes
 # workers takes the messages delivered with it along, and they all reach the delivery
-# limit together. From this many returns on, a message is a suspect: the worker stops
-# consuming, settles everything else it holds, then processes the suspects one at a
-# time, fewest returns first and in random order among equals, so each crash returns
-# only the suspects not processed yet and every innocent one is eventually processed.
+# limit together. From this many returns on, a message is a suspect. The worker stops
+# consuming, settles every other message it holds, then processes the suspects one at a
+# time, fewest returns first and in random order among equals. So each crash returns
+# only the suspects not processed yet, and every innocent one is eventually processed.
 # Two, because one graceful restart returns up to a prefetch of messages at once.
 _SUSPECT_DELIVERIES = 2
 
-# Errors that say a migration changed a table under a prepared statement.
+# Errors raised when a migration changed a table under a prepared statement.
 _SCHEMA_CHANGED = (asyncpg.InvalidCachedStatementError, asyncpg.exceptions.OutdatedSchemaCacheError)
 
 # Permanent broker errors: retrying the connection cannot fix them, so start() raises.
@@ -105,7 +105,7 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
 
 
 def _channel_closed(message: AbstractIncomingMessage) -> bool:
-    """Whether the channel the message arrived on is gone, so the broker has requeued it."""
+    """Return whether the message's channel is closed, so the broker has requeued it."""
     try:
         # aio-pika raises instead of returning a closed channel.
         return message.channel.is_closed
@@ -318,8 +318,8 @@ class Worker:
         if tag is None or self._topology is None:
             return
         try:
-            # RobustQueue.cancel forgets the consumer before it sends basic.cancel, so a
-            # reconnection never restores it, even when this times out.
+            # RobustQueue.cancel removes the consumer from those it restores before it
+            # sends basic.cancel, so a reconnection never restores it, even on a timeout.
             async with asyncio.timeout(_BROKER_TIMEOUT):
                 await self._topology.queue.cancel(tag)
         except Exception as exc:  # noqa: BLE001 (the channel may be gone; nothing to cancel then)
@@ -706,9 +706,9 @@ class Worker:
     ) -> tuple[int, str | None]:
         """Ack `messages`; return how many acks failed, and the last error.
 
-        One `multiple` ack per channel when it is safe: a batch is taken from the head of
-        the buffer in delivery order and earlier batches are settled, so on a channel
-        where no message held by the worker stays `unsettled` (nacked ones are settled
+        One `multiple` ack per channel when it is safe. A batch is taken from the head of
+        the buffer in delivery order, and earlier batches are settled. So on a channel
+        where no message the worker holds stays `unsettled` (nacked ones are settled
         first), every unsettled tag up to the batch's highest belongs to `messages`.
         Otherwise each message is acked on its own, so that the messages left unsettled,
         and the suspects held aside, stay unsettled.

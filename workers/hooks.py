@@ -6,8 +6,8 @@ not settings, `python -m workers --help` does not list them, and a production wo
 must never have them set.
 
 - `CLOUDAPI_TEST_PAUSE_AFTER_COMMIT=FILE`: after a batch commits and before any of its
-  messages is settled, write the batch's message ids to FILE (a JSON array, written to
-  a temporary name and renamed) and then wait forever, so that a test can SIGKILL the
+  messages is settled, write the batch's message ids to FILE as a JSON array (written
+  to a temporary name, then renamed). Then wait forever, so that a test can SIGKILL the
   process between commit and ack.
 - `CLOUDAPI_TEST_CRASH_ON_MESSAGE_ID=ID`: when a batch holds the message whose
   `message_id` is ID, end the process at once with status 70 (`os._exit`: no cleanup,
@@ -53,7 +53,7 @@ class TestHooks:
         return hooks
 
     def crash_if_held(self, message_ids: Sequence[str | None]) -> None:
-        """End the process at once when the batch holds the crash message."""
+        """End the process at once when the batch contains the crash message."""
         if self.crash_on_message_id is not None and self.crash_on_message_id in message_ids:
             log.error("test_crash", message_id=self.crash_on_message_id)
             # os._exit skips the exit handlers; run them first, so that a log written in

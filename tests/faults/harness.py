@@ -34,7 +34,7 @@ from workers.producer import EventPublisher, image_event
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Longest a fault test waits for the system to converge after a fault.
+# Maximum seconds a fault test waits for the system to converge after a fault.
 CONVERGE_TIMEOUT = 60.0
 
 
@@ -202,7 +202,7 @@ async def queue_counts(rabbit: PrivateRabbit, queue: str) -> dict[str, int]:
     """Return messages_ready, messages_unacknowledged and consumers of `queue`.
 
     NOTE: for a quorum queue, RabbitMQ 3.10 refreshes these figures on the queue's tick,
-    every 5 s, so they lag behind; poll them for a steady state (see `until_counts`),
+    every 5 s, so they lag behind. Poll them for a steady state (see `until_counts`),
     and use `ready_count` for an exact number of ready messages.
     """
     rows = await asyncio.to_thread(
@@ -244,8 +244,8 @@ async def consumers(rabbit: PrivateRabbit, queue: str) -> list[dict[str, Any]]:
 async def nothing_settled(rabbit, settings, published: int) -> None:
     """Check that every published message is still in the queue, ready or held.
 
-    A settled message never comes back, so a sum that reaches `published` while nothing
-    can commit proves that none was settled; polled because the figures lag.
+    A settled message never comes back. So a sum that reaches `published` while nothing
+    can commit proves that none was settled. Polled, because the figures lag.
     """
     counts = await queue_counts(rabbit, settings.amqp_queue)
     if counts["messages_ready"] + counts["messages_unacknowledged"] != published:
@@ -260,7 +260,7 @@ async def _sum_is(rabbit, settings, published: int) -> bool:
 
 
 async def queue_empty(rabbit, settings) -> bool:
-    """Whether the queue holds nothing, ready or unacknowledged (exact ready, lagging unacked)."""
+    """Return whether the queue is empty: no ready message (exact) and none unacknowledged (lagging)."""
     if await ready_count(settings, settings.amqp_queue):
         return False
     counts = await queue_counts(rabbit, settings.amqp_queue)
@@ -316,7 +316,7 @@ async def images_locked(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def worker_blocked_on_lock(dsn: str) -> bool:
-    """Whether a worker backend waits for a lock, i.e. holds a batch inside its transaction."""
+    """Return whether a worker backend waits for a lock, so its batch is inside its transaction."""
     connection = await asyncpg.connect(dsn, timeout=10)
     try:
         return bool(

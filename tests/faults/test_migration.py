@@ -1,4 +1,4 @@
-"""A schema migration applied while the API answers and a worker applies events.
+"""A schema migration applied while the API serves requests and a worker applies events.
 
 The migration adds a column to `images` and changes the result type of one cached
 statement on each side: `images.state` becomes varchar (the API's `get_image` returns
@@ -50,7 +50,7 @@ CACHED_PLAN_ERROR = "cached plan must not change result type"
 @pytest.mark.timeout(120)
 async def test_migration_while_serving(steady_postgres, steady_rabbit):
     dsn = await fresh_database(steady_postgres)
-    # No answer cache, so that every request runs the API's prepared statement.
+    # No image cache, so that every request runs the API's prepared statement.
     settings = fault_settings(dsn, steady_rabbit.url(), cache_max_images=0)
     reader = TestAccount("reader")
     reader.keys = {"ed25519": reader.keys["ed25519"]}

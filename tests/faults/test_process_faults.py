@@ -284,3 +284,22 @@ async def test_poison_messages_among_good_ones(steady_postgres, steady_rabbit, t
     assert all(headers["x-rejection-detail"] for headers in letters.values())
     assert len(worker.logged("consumer_started")) == 1
     assert worker.logged("worker_failed") == []
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_while_connecting(steady_postgres, tmp_path):
+    """A worker that cannot reach RabbitMQ keeps retrying, and still stops at once."""
+    from tests.support.instances import allocate_port
+
+    dsn = await fresh_database(steady_postgres)
+    # A loopback port that nothing listens on.
+    settings = fault_settings(dsn, f"amqp://guest:guest@127.0.0.1:{allocate_port()}/")
+    worker = WorkerProcess.start(settings, tmp_path / "worker.log")
+    try:
+        await poll(lambda: len(worker.logged("broker_connect_failed")) >= 2, timeout=30, message="two connection attempts")
+        assert worker.running()
+        signalled = time.monotonic()
+        assert await stop_process(worker, timeout=10) == 0
+        assert time.monotonic() - signalled < 5
+    finally:
+        worker.stop()
