@@ -23,6 +23,7 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from service import accounts as account_commands
+from service import db
 from service.app import create_app
 from tests.faults.harness import (
     assert_read_model,
@@ -45,6 +46,26 @@ ALTER TABLE event_log ALTER COLUMN event_id TYPE text;
 """
 
 CACHED_PLAN_ERROR = "cached plan must not change result type"
+WRITE_QUERIES = db.load_queries("write.sql")
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def prepare_on_every_connection(pool: asyncpg.Pool, query: str, *arguments) -> None:
+    """Run `query` in a rolled-back transaction on every connection the pool may open, so
+    each has it in its statement cache, as in a worker that has run for a while."""
+    connections = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        for connection in connections:
+            with contextlib.suppress(_Rollback):
+                async with connection.transaction():
+                    await connection.fetch(query, *arguments)
+                    raise _Rollback
+    finally:
+        for connection in connections:
+            await pool.release(connection)
 
 
 @pytest.mark.timeout(120)
@@ -97,6 +118,9 @@ async def test_migration_while_serving(steady_postgres, steady_rabbit):
                 loaders.append(asyncio.create_task(watch_readiness(running)))
                 try:
                     await poll(lambda: len(statuses) >= 100, message="requests before the migration")
+                    # Without this, a batch after the migration could run on a connection
+                    # that never prepared the statement, and meet no fault.
+                    await prepare_on_every_connection(running.worker._pool, WRITE_QUERIES["record_events"], *([[]] * 7))
                     log_offset = steady_postgres.log_path.stat().st_size
                     served_before = len(statuses)
 
