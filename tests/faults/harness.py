@@ -25,7 +25,7 @@ import orjson
 
 from service.migrate import migrate
 from service.settings import Settings
-from tests.helpers import manifest, new_uuid
+from tests.helpers import manifest
 from tests.support.instances import PrivatePostgres, PrivateRabbit
 from workers.contract import apply_imgapi_defaults
 from workers.health import start_health_server
@@ -448,7 +448,3 @@ class WorkerProcess:
 
     def logged(self, event: str) -> list[dict[str, Any]]:
         return [line for line in self.log_lines() if line.get("event") == event]
-
-
-def new_image_uuid() -> str:
-    return new_uuid()

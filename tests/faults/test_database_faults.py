@@ -25,7 +25,6 @@ from tests.faults.harness import (
     logged_event_ids,
     poll,
     publish,
-    queue_counts,
     ready_count,
     until_counts,
     wait_all_logged,
