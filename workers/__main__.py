@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         action = letter_actions.add_parser(name, help=text)
         action.add_argument("--reason", help="only dead letters with this x-rejection-reason (or RabbitMQ reason)")
         action.add_argument("--limit", type=int, help="at most this many")
+        action.add_argument(
+            "--message-id", action="append", dest="message_ids", metavar="ID", help="only the dead letter with this message id (repeatable)"
+        )
     return parser
 
 
@@ -143,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         from workers import deadletters
 
         if args.action == "list":
-            count = asyncio.run(deadletters.list_dead_letters(settings, limit=args.limit, reason=args.reason))
+            action = deadletters.list_dead_letters
         else:
-            count = asyncio.run(deadletters.replay_dead_letters(settings, limit=args.limit, reason=args.reason))
+            action = deadletters.replay_dead_letters
+        count = asyncio.run(action(settings, limit=args.limit, reason=args.reason, message_ids=args.message_ids))
         print(f"{count} dead letters {'listed' if args.action == 'list' else 'replayed'}", file=sys.stderr)
         return 0
 

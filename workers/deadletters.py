@@ -3,13 +3,15 @@
 `list` prints each dead letter's reason and returns it to the queue. `replay` publishes
 the original body to the event exchange with its original routing key (publisher
 confirms, persistent), then removes the dead letter; a message that breaks the contract
-again is simply dead-lettered again, with its new reason. Both can filter on the reason.
+again is simply dead-lettered again, with its new reason. Both can filter on the reason
+and on message ids, and look at each message that was in the queue when they started
+once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import aio_pika
 import orjson
@@ -46,53 +48,67 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, str]:
     }
 
 
-async def _each(settings: Settings, handle: Callable, *, limit: int | None, reason: str | None) -> int:
+async def _each(
+    settings: Settings,
+    handle: Callable,
+    *,
+    limit: int | None,
+    reason: str | None,
+    message_ids: Collection[str] | None = None,
+) -> int:
+    """Call `handle` on each dead letter that matches the filters; return how many.
+
+    Every message is held unacknowledged until the end, so that each one present at the
+    start is looked at once: a requeued message could otherwise come back at once and be
+    taken again. `handle` returns whether it settled the message; the others, and every
+    message that does not match, return to the queue when this ends.
+    """
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     count = 0
+    held: list[aio_pika.abc.AbstractIncomingMessage] = []
     try:
         channel = await connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=1)
         declared = await topology.declare(channel, settings)
         queue = declared.dead_letter_queue
-        seen: set[str] = set()
-        while limit is None or count < limit:
+        depth = queue.declaration_result.message_count
+        for _ in range(depth):
+            if limit is not None and count >= limit:
+                break
             message = await queue.get(no_ack=False, fail=False, timeout=_RECEIVE_TIMEOUT)
             if message is None:
                 break
             info = describe(message)
-            key = f"{info['message_id']}|{message.delivery_tag}|{info['rejected_at']}|{message.body[:64]!r}"
-            if reason is not None and info["reason"] != reason:
-                await message.nack(requeue=True)
-                if key in seen:
-                    # Every message left has been looked at once.
-                    break
-                seen.add(key)
+            if (reason is not None and info["reason"] != reason) or (message_ids and info["message_id"] not in message_ids):
+                held.append(message)
                 continue
-            await handle(message, info, declared)
+            if not await handle(message, info, declared):
+                held.append(message)
             count += 1
+        for message in held:
+            await message.nack(requeue=True)
     finally:
         await connection.close()
     return count
 
 
-async def list_dead_letters(settings: Settings, *, limit: int | None = None, reason: str | None = None) -> int:
-    """Print dead letters as JSON lines and return them to the queue; return the count."""
+async def list_dead_letters(
+    settings: Settings, *, limit: int | None = None, reason: str | None = None, message_ids: Collection[str] | None = None
+) -> int:
+    """Print dead letters as JSON lines and leave them in the queue; return the count."""
 
-    async def show(message, info, _declared):
+    async def show(message, info, _declared) -> bool:
         print(orjson.dumps(info).decode())
-        await message.nack(requeue=True)
+        return False
 
-    # Requeued messages come back at the end, so listing stops after one pass: at most as
-    # many as the queue held when it started.
-    if limit is None:
-        limit = await _depth(settings)
-    return await _each(settings, show, limit=limit, reason=reason)
+    return await _each(settings, show, limit=limit, reason=reason, message_ids=message_ids)
 
 
-async def replay_dead_letters(settings: Settings, *, limit: int | None = None, reason: str | None = None) -> int:
+async def replay_dead_letters(
+    settings: Settings, *, limit: int | None = None, reason: str | None = None, message_ids: Collection[str] | None = None
+) -> int:
     """Republish dead letters to the event exchange, then remove them; return the count."""
 
-    async def replay(message, info, declared):
+    async def replay(message, info, declared) -> bool:
         headers = {key: value for key, value in (message.headers or {}).items() if not key.startswith("x-")}
         copy = aio_pika.Message(
             message.body,
@@ -106,20 +122,9 @@ async def replay_dead_letters(settings: Settings, *, limit: int | None = None, r
         await declared.exchange.publish(copy, routing_key=info["routing_key"], mandatory=True)
         await message.ack()
         print(orjson.dumps({**info, "replayed": True}).decode())
+        return True
 
-    if limit is None:
-        limit = await _depth(settings)
-    return await _each(settings, replay, limit=limit, reason=reason)
-
-
-async def _depth(settings: Settings) -> int:
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    try:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(settings.dead_letter_queue, passive=True)
-        return queue.declaration_result.message_count
-    finally:
-        await connection.close()
+    return await _each(settings, replay, limit=limit, reason=reason, message_ids=message_ids)
 
 
 def run(coroutine) -> int:

@@ -18,7 +18,9 @@ neither the decoder nor the projector touches the broker.
 
 Dead-lettering publishes a copy to the dead-letter exchange with the reason in headers,
 waits for the broker's confirm, then acks the original: so the reason travels with the
-message, and the message is never dropped when the dead-letter publish fails.
+message, and the message is never dropped when the dead-letter publish fails. A failed
+publish returns the original to the queue (a nack with requeue), to be dead-lettered
+again when it is redelivered.
 """
 
 from __future__ import annotations

@@ -97,3 +97,43 @@ async def test_dead_letters_list_and_replay(worker, settings, db_pool):
     assert status == 0
     assert event["event_id"] in replayed
     await wait_until(lambda: _revision_is(db_pool, image["uuid"], 1), message="the replayed event")
+
+
+async def test_dead_letters_filters_finish(worker, settings, db_pool):
+    # Two dead letters of different reasons; filters that match one, or none, must each
+    # look at every dead letter once and stop.
+    first, second = (image_event("image.activated", manifest(), revision=1) for _ in range(2))
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(settings.dead_letter_exchange)
+        for event, reason in ((first, "rejected_by_database"), (second, "schema_violation")):
+            await exchange.publish(
+                aio_pika.Message(
+                    orjson.dumps(event),
+                    message_id=event["event_id"],
+                    headers={"x-rejection-reason": reason, "x-original-routing-key": "image.activated"},
+                ),
+                routing_key="image.activated",
+            )
+    finally:
+        await connection.close()
+
+    status, listed, _ = await asyncio.wait_for(
+        _workers_command(settings, "dead-letters", "list", "--reason", "no_such_reason"), timeout=30
+    )
+    assert (status, listed) == (0, "")
+
+    status, listed, _ = await _workers_command(settings, "dead-letters", "list", "--message-id", second["event_id"])
+    assert status == 0
+    assert [orjson.loads(line)["message_id"] for line in listed.splitlines()] == [second["event_id"]]
+
+    status, replayed, _ = await _workers_command(settings, "dead-letters", "replay", "--message-id", first["event_id"])
+    assert status == 0
+    assert [orjson.loads(line)["message_id"] for line in replayed.splitlines()] == [first["event_id"]]
+    await wait_until(lambda: _revision_is(db_pool, first["image_uuid"], 1), message="the replayed event")
+
+    # The other one is still there, once.
+    status, listed, _ = await _workers_command(settings, "dead-letters", "list", "--message-id", second["event_id"], "--message-id", first["event_id"])
+    assert [orjson.loads(line)["message_id"] for line in listed.splitlines()] == [second["event_id"]]
+    assert await _image_revision(db_pool, second["image_uuid"]) is None

@@ -1,0 +1,188 @@
+"""Postgres faults: a restart and killed backends in the middle of a batch, a worker
+started while Postgres is down, a stop during an outage, and a permanent refusal of one
+event in a batch. Postgres is a private cluster of each test (the steady one where
+nothing breaks it); RabbitMQ is the steady private node."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from tests.faults.harness import (
+    dead_letters,
+    nothing_settled,
+    publish_raw,
+    queue_empty,
+    assert_read_model,
+    consumers,
+    fault_settings,
+    fresh_database,
+    image_histories,
+    images_locked,
+    in_process_worker,
+    logged_event_ids,
+    poll,
+    publish,
+    ready_count,
+    until_counts,
+    wait_all_logged,
+    worker_blocked_on_lock,
+)
+from tests.helpers import manifest
+from workers.producer import image_event
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.mark.timeout(120)
+async def test_postgres_restart_mid_batch(private_postgres, steady_rabbit):
+    dsn = await fresh_database(private_postgres)
+    settings = fault_settings(dsn, steady_rabbit.url(), worker_batch_size=100)
+    events = image_histories(100, 3, delete_every=7)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: running.ready_is(200), message="readiness before the fault")
+        pool = running.worker._pool
+        async with images_locked(dsn):
+            await publish(settings, events)
+            await poll(lambda: worker_blocked_on_lock(dsn), message="a batch blocked on the lock")
+            await asyncio.to_thread(private_postgres.stop, "fast")
+
+        await poll(lambda: running.ready_is(503), message="readiness false while Postgres is down")
+        await nothing_settled(steady_rabbit, settings, len(events))
+        # The worker stops consuming while it cannot commit.
+        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
+
+        await asyncio.to_thread(private_postgres.start)
+        await wait_all_logged(dsn, events)
+        await poll(lambda: running.ready_is(200), message="readiness after recovery")
+        await poll(lambda: queue_empty(steady_rabbit, settings), message="every message acknowledged")
+        # The same pool serves again: it replaced its broken connections by itself.
+        assert running.worker._pool is pool
+
+    await assert_read_model(dsn, events)
+
+
+async def _no_consumer(rabbit, settings) -> bool:
+    return await consumers(rabbit, settings.amqp_queue) == []
+
+
+@pytest.mark.timeout(120)
+async def test_terminated_backends_mid_batch(private_postgres, steady_rabbit):
+    dsn = await fresh_database(private_postgres)
+    settings = fault_settings(dsn, steady_rabbit.url(), worker_batch_size=100)
+    events = image_histories(100, 3)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: running.ready_is(200), message="readiness before the fault")
+        async with images_locked(dsn):
+            await publish(settings, events)
+            await poll(lambda: worker_blocked_on_lock(dsn), message="a batch blocked on the lock")
+            assert await logged_event_ids(dsn) == []
+            await nothing_settled(steady_rabbit, settings, len(events))
+            # Terminates the lock holder too, so the retried batch can commit.
+            terminated = await asyncio.to_thread(private_postgres.terminate_backends)
+            assert terminated >= 2
+
+        await wait_all_logged(dsn, events)
+        await poll(lambda: queue_empty(steady_rabbit, settings), message="every message acknowledged")
+        await poll(lambda: running.ready_is(200), message="readiness after recovery")
+
+    await assert_read_model(dsn, events)
+
+
+@pytest.mark.timeout(120)
+async def test_worker_started_while_postgres_down(private_postgres, steady_rabbit):
+    dsn = await fresh_database(private_postgres)
+    settings = fault_settings(dsn, steady_rabbit.url())
+    await asyncio.to_thread(private_postgres.stop, "fast")
+    events = image_histories(50, 2)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: _has_consumer(steady_rabbit, settings), message="the worker to start consuming")
+        assert await running.readiness() == 503
+        assert not running.worker.database_ok
+
+        await publish(settings, events)
+        # The first batch fails to commit: the worker cancels its consumer and holds it.
+        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
+        await nothing_settled(steady_rabbit, settings, len(events))
+        assert await running.readiness() == 503
+
+        await asyncio.to_thread(private_postgres.start)
+        await wait_all_logged(dsn, events)
+        await poll(lambda: running.ready_is(200), message="readiness once Postgres is up")
+
+    await assert_read_model(dsn, events)
+
+
+async def _has_consumer(rabbit, settings) -> bool:
+    return bool(await consumers(rabbit, settings.amqp_queue))
+
+
+@pytest.mark.timeout(120)
+async def test_stop_during_outage_leaves_events_queued(private_postgres, steady_rabbit):
+    """A batch that holds valid and invalid events when the worker stops during an
+    outage: the invalid one is dead-lettered, the valid ones stay queued (not acked)."""
+    dsn = await fresh_database(private_postgres)
+    settings = fault_settings(dsn, steady_rabbit.url(), worker_batch_size=10, worker_batch_wait=500.0)
+    good = image_histories(5, 1)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: running.ready_is(200), message="readiness before the fault")
+        await asyncio.to_thread(private_postgres.stop, "fast")
+        # Valid events first, the invalid one last: it has the batch's highest delivery tag.
+        await publish(settings, good)
+        await publish_raw(settings, b"{not json", "poison-last")
+        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
+
+    await until_counts(steady_rabbit, settings.amqp_queue, messages_ready=len(good), messages_unacknowledged=0)
+    assert await ready_count(settings, settings.amqp_queue) == len(good)
+    letters = await dead_letters(settings)
+    assert [message_id for message_id, _ in letters] == ["poison-last"]
+
+    await asyncio.to_thread(private_postgres.start)
+    async with in_process_worker(settings):
+        await wait_all_logged(dsn, good)
+    await assert_read_model(dsn, good)
+
+
+@pytest.mark.timeout(120)
+async def test_database_refusal_dead_letters_one_event(steady_postgres, steady_rabbit):
+    dsn = await fresh_database(steady_postgres)
+    admin = await asyncpg.connect(dsn)
+    try:
+        # A permanent refusal of one manifest name, as a stricter schema would refuse it.
+        await admin.execute(
+            "ALTER TABLE images ADD CONSTRAINT images_test_refusal "
+            "CHECK (manifest IS NULL OR manifest->>'name' <> 'refused-by-test')"
+        )
+    finally:
+        await admin.close()
+    batch = 20
+    settings = fault_settings(dsn, steady_rabbit.url(), worker_batch_size=batch, worker_batch_wait=2000.0)
+    good = image_histories(batch - 1, 1)
+    refused = image_event("image.activated", manifest(name="refused-by-test"), revision=1)
+    events = good[:7] + [refused] + good[7:]
+    # Published before the worker starts, so they arrive together as one batch.
+    await publish(settings, events)
+
+    async with in_process_worker(settings) as running:
+        await wait_all_logged(dsn, good)
+        await poll(lambda: _dead_letter_count(steady_rabbit, settings), message="the refused event dead-lettered")
+        assert running.worker.batches == 1
+        assert await running.readiness() == 200
+
+    await assert_read_model(dsn, good)
+    letters = await dead_letters(settings)
+    assert [message_id for message_id, _ in letters] == [refused["event_id"]]
+    headers = letters[0][1]
+    assert headers["x-rejection-reason"] == "rejected_by_database"
+    assert "images_test_refusal" in headers["x-rejection-detail"]
+    await poll(lambda: queue_empty(steady_rabbit, settings), message="every message settled")
+
+
+async def _dead_letter_count(rabbit, settings) -> int:
+    return await ready_count(settings, settings.dead_letter_queue)
