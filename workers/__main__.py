@@ -100,7 +100,8 @@ async def _publish(settings: settings_module.Settings, files: list[Path], skip_i
     async with EventPublisher.connect(settings) as publisher:
         for event in events:
             await publisher.publish(event, correlation_id=correlation_id)
-    print(f"published {len(events)} events" + (f", skipped {len(problems)} invalid lines" if problems else ""))
+    noun = "event" if len(events) == 1 else "events"
+    print(f"published {len(events)} {noun}" + (f", skipped {len(problems)} invalid lines" if problems else ""))
     return 1 if problems else 0
 
 

@@ -28,7 +28,7 @@ def _text(value) -> str:
     return "" if value is None else str(value)
 
 
-def describe(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, str]:
+def describe(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, object]:
     """Return the fields of a dead letter that tell what happened to it."""
     headers = message.headers or {}
     reason = _text(headers.get("x-rejection-reason"))
@@ -44,7 +44,7 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, str]:
         "reason": reason or "unknown",
         "detail": detail,
         "rejected_at": _text(headers.get("x-rejected-at")),
-        "size": str(len(message.body)),
+        "size": len(message.body),
     }
 
 
