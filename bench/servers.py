@@ -7,8 +7,10 @@ import time
 from bench import config
 from bench.processes import BenchError, Process, ProcessGroup, children_of, require_free_port, wait_http
 
-# The service's defaults stay as they are (access log on, METRICS_PORT 9090, JSON logs,
-# DB_POOL_SIZE 8, CACHE_MAX_IMAGES 20000); only the database and the port change.
+# The service's defaults stay as they are (access log on, metrics on, JSON logs,
+# DB_POOL_SIZE 8, CACHE_MAX_IMAGES 20000); only the database and the ports change. The
+# metrics port is the bench port plus 1000, so a service running on the default 9090
+# does not get in the way.
 KINDS = ("bare", "naive", "service")
 LABELS = {"bare": "(a) bare aiohttp", "naive": "(b) aiohttp+asyncpg", "service": "service"}
 
@@ -21,7 +23,7 @@ def start(group: ProcessGroup, kind: str, processes: int, port: int, extra_env: 
     started: list[Process] = []
     if kind == "service":
         env = {"DATABASE_URL": config.database_url(), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
-               "HTTP_PROCESSES": str(processes), **(extra_env or {})}
+               "METRICS_PORT": str(port + 1000), "HTTP_PROCESSES": str(processes), **(extra_env or {})}
         started.append(group.start(name, [config.PYTHON, "-m", "service"], env))
         ready_path = "/readyz"
     else:

@@ -58,7 +58,9 @@ async def _connect_creating_database(dsn: str, timeout: float) -> asyncpg.Connec
     try:
         await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"')
         log.info("database_created", database=name)
-    except asyncpg.DuplicateDatabaseError:
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another process created it first. When both try at the same moment, Postgres
+        # reports a unique violation on its catalog rather than "already exists".
         pass
     finally:
         await admin.close()
