@@ -1,5 +1,5 @@
-"""HTTP handlers. They take values from the path, call storage and return a response;
-every failure is raised as a `CloudApiError` and answered by the pipeline."""
+"""HTTP handlers. They take values from the path, call storage and return a response.
+Every failure is raised as a `CloudApiError`, which the pipeline turns into a response."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ async def get_image(request: web.Request) -> web.Response:
     record = await request.app[IMAGE_STORE].get(image_id, rendering)
     caller = request.get(CALLER)
     if record is None or not record.visible_to(None if caller is None else caller.uuid):
-        # Hidden and missing images get the same answer, so a stranger learns nothing.
+        # Hidden and missing images get the same response, so a stranger learns nothing.
         raise ResourceNotFound(f"image {image_id} not found")
     body, md5 = record.answer(rendering)
     return build_response(request, status=200, body=body, md5=md5)
@@ -76,7 +76,7 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: not shutting down, and Postgres answers within a second."""
+    """Report readiness: not shutting down, and Postgres responds within a second."""
     if request.app[SHUTTING_DOWN]["value"]:
         raise ServiceUnavailable("shutting down")
     try:
@@ -90,7 +90,7 @@ _OPENAPI = None
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """The OpenAPI document of this service."""
+    """Return the OpenAPI document of this service."""
     global _OPENAPI
     if _OPENAPI is None:
         _OPENAPI = resources.files("service").joinpath("openapi.yaml").read_bytes()

@@ -47,7 +47,7 @@ IMGAPI_DEFAULTS = (("state", "active"), ("public", False), ("owner", OPERATOR_UU
 
 
 class Rejection(enum.StrEnum):
-    """Why a message breaks the contract; sent in the dead-letter header and logs."""
+    """The reason a message breaks the contract, sent in the dead-letter header and logs."""
 
     TOO_LARGE = "too_large"
     NOT_JSON = "not_json"
@@ -162,7 +162,7 @@ def parse_time(text: str) -> datetime:
     """
     head, dot, rest = text.partition(".")
     if dot:
-        # The schema allows up to nine fractional digits; datetime holds six.
+        # The schema allows up to nine fractional digits, and datetime keeps six.
         digits = len(rest) - len(rest.lstrip("0123456789"))
         text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
     if text.endswith("Z"):

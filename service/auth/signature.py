@@ -31,13 +31,13 @@ from service.errors import InvalidCredentials, InvalidHeader
 MAX_CLOCK_SKEW = 300  # seconds Date may differ from the server clock, either way
 NOT_AUTHENTICATED = "You must make authenticated requests to use CloudAPI"
 _PREFIX = "Authorization header invalid: "
-# The legacy format knows only these algorithms (the others need the current format).
+# The legacy format supports only these algorithms (the others need the current format).
 _LEGACY_ALGORITHMS = frozenset({"rsa-sha1", "rsa-sha256", "rsa-sha512"})
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """What a parsed Authorization header claims; not verified yet."""
+    """The claims of a parsed Authorization header, not verified yet."""
 
     key_id: str
     algorithm: str
