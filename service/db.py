@@ -74,8 +74,8 @@ class FairGate:
     """A first-come, first-served limit on concurrent users of a pool.
 
     asyncio's primitives let a newly arriving task take a freed slot before the tasks
-    already waiting for one; under load a few unlucky requests then wait for a long time
-    (a high p99 with a low median). Here a freed slot is handed to the oldest waiter.
+    already waiting for one. Under load a few unlucky requests then wait for a long time,
+    which shows as a high p99 with a low median. Here a freed slot is handed to the oldest waiter.
     """
 
     def __init__(self, slots: int):

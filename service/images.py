@@ -18,7 +18,7 @@ import orjson
 
 
 class Rendering(enum.IntEnum):
-    """What the negotiated API version changes in the image object."""
+    """The shape of the image object at a negotiated API version."""
 
     V7_0 = 0
     """7.0.0: `type` translated, no 7.1 fields."""

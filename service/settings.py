@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value the service cannot use."""
+    """An environment variable contains a value the service cannot use."""
 
 
 # Query parameters of a DSN whose values are secrets, e.g. libpq's `?password=` and

@@ -42,7 +42,7 @@ def _exact(data: bytes) -> bytes:
 
 @dataclass(slots=True)
 class ImageRecord:
-    """One live image: what visibility needs, and its answers rendered so far.
+    """One live image: the fields visibility needs, and its responses rendered so far.
 
     The manifest itself is not kept: an answer for another API version class is rare,
     and rendering it means reading the row again.

@@ -24,7 +24,7 @@ def key_id_for(login: str, private_key) -> str:
 
 
 def run(url: str, *, account: str, key_path: str, method: str = "GET", headers: list[str] = (), include: bool = False) -> int:
-    """Send the request and print the answer; return 0 for a 2xx status, 1 otherwise."""
+    """Send the request and print the response; return 0 for a 2xx status, 1 otherwise."""
     private_key = load_private_key(key_path)
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")

@@ -114,7 +114,12 @@ async def authenticate(request: web.Request) -> None:
         _stand_in(credentials.algorithm).verify(credentials.algorithm, signature or b"\0" * 64, credentials.signing_string)
 
     if not verified:
-        reason = "unknown_account" if account is None else "unknown_key" if key is None else "bad_signature"
+        if account is None:
+            reason = "unknown_account"
+        elif key is None:
+            reason = "unknown_key"
+        else:
+            reason = "bad_signature"
         log.warning(
             "auth_rejected",
             reason=reason,
