@@ -15,16 +15,17 @@ from service import db, logs
 from service.metrics import ApiMetrics, clear_multiprocess_dir, start_metrics_server
 from service.http import (
     AUTH_STAGE,
-    CALLER,
     HTTP_SETTINGS,
-    REQUEST_ID,
     REQUEST_OBSERVER,
     ROUTE_SPECS,
+    RequestObserver,
     pipeline_middleware,
 )
 from service.auth import stage as auth_stage
 from service.auth.store import KeyStore
+from service.auth.verifier import SignatureVerifier
 from service.notify import ACCOUNT_CHANNEL, IMAGE_CHANNEL, ChangeListener
+from service.hotpath import HOT_PATH, HotPath
 from service.protocol import make_runner
 from service.routes import IMAGE_STORE, SHUTTING_DOWN, add_routes
 from service.settings import Settings
@@ -38,23 +39,22 @@ LISTENER = web.AppKey("listener", ChangeListener)
 METRICS = web.AppKey("metrics", ApiMetrics)
 
 
-def _access_logger(settings: Settings):
+def _access_logger(settings: Settings) -> RequestObserver:
     logger = structlog.get_logger("access")
     # In a server process the log is buffered JSON, and the line skips structlog's
     # processor chain (a tenth of a cached GetImage); elsewhere it goes through structlog.
     write_line = logs.line_writer("access")
 
-    def observe(request: web.Request, spec, status: int, seconds: float, error) -> None:
-        caller = request.get(CALLER)
+    def observe(method: str, spec, status: int, seconds: float, error, request_id: str, login: str | None) -> None:
         fields = {
-            "method": request.method,
+            "method": method,
             "route": spec.name,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
-            "request_id": request[REQUEST_ID],
+            "request_id": request_id,
         }
-        if caller is not None:
-            fields["login"] = caller.login
+        if login is not None:
+            fields["login"] = login
         if error is not None:
             fields["error_code"] = error.code
         if write_line is not None and status < 500:
@@ -69,7 +69,7 @@ def _access_logger(settings: Settings):
     return observe
 
 
-def _request_observer(settings: Settings, metrics: ApiMetrics | None):
+def _request_observer(settings: Settings, metrics: ApiMetrics | None) -> RequestObserver | None:
     """Return the pipeline's per-request hook: metrics, then the access log line; or None."""
     log_access = _access_logger(settings) if settings.access_log else None
     if metrics is None:
@@ -77,14 +77,14 @@ def _request_observer(settings: Settings, metrics: ApiMetrics | None):
     record = metrics.request_recorder()
     if log_access is None:
 
-        def observe(request: web.Request, spec, status: int, seconds: float, error) -> None:
-            record(spec.name, request.method, status, seconds)
+        def observe(method: str, spec, status: int, seconds: float, error, request_id: str, login) -> None:
+            record(spec.name, method, status, seconds)
 
         return observe
 
-    def observe_and_log(request: web.Request, spec, status: int, seconds: float, error) -> None:
-        record(spec.name, request.method, status, seconds)
-        log_access(request, spec, status, seconds, error)
+    def observe_and_log(method: str, spec, status: int, seconds: float, error, request_id: str, login) -> None:
+        record(spec.name, method, status, seconds)
+        log_access(method, spec, status, seconds, error, request_id, login)
 
     return observe_and_log
 
@@ -105,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
         app[METRICS] = metrics
     app[REQUEST_OBSERVER] = _request_observer(settings, metrics)
     app[AUTH_STAGE] = auth_stage.authenticate
+    app[HOT_PATH] = HotPath(app)
     app.cleanup_ctx.append(_database_context)
     if metrics is not None and settings.http_processes > 1:
         app.cleanup_ctx.append(_sampling_context)
@@ -128,6 +129,7 @@ async def _database_context(app: web.Application):
     store = ImageStore(pool, query_timeout=settings.db_query_timeout, cache_size=settings.cache_max_images)
     keys = KeyStore(pool, query_timeout=settings.db_query_timeout)
     auth_stage.prepare()
+    verifier = SignatureVerifier()
     listener = ChangeListener(settings.database_url, connect_timeout=settings.db_connect_timeout)
     listener.subscribe(IMAGE_CHANNEL, store)
     listener.subscribe(ACCOUNT_CHANNEL, keys)
@@ -136,10 +138,12 @@ async def _database_context(app: web.Application):
     app[IMAGE_STORE] = store
     app[auth_stage.KEY_STORE] = keys
     app[LISTENER] = listener
+    app[auth_stage.VERIFIER] = verifier
     if METRICS in app:
         app[METRICS].watch(store=store, pool=pool, listener=listener)
     yield
     await listener.stop()
+    verifier.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(pool.close(), timeout=5)
 

@@ -58,6 +58,9 @@ _JSON = "application/json"
 _ACCEPTABLE = frozenset({"application/json", "application/*", "*/*"})
 
 Stage = Callable[[web.Request], Awaitable[None] | None]
+# Called once per answered request: method, route, status, seconds, the error if any,
+# request id and the caller's login if known. The access log and the metrics.
+RequestObserver = Callable[[str, "RouteSpec", int, float, "CloudApiError | None", str, "str | None"], None]
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ async def check_body(request: web.Request, max_body: int, timeout: float) -> Non
 
 
 def build_response(
-    request: web.Request,
+    request: web.BaseRequest,
     *,
     status: int,
     body: bytes,
@@ -209,14 +212,38 @@ def build_response(
     content_type: str = _JSON,
     extra: dict[str, str] | None = None,
 ) -> web.Response:
+    """Build a response with CloudAPI's full header set from what the pipeline stored
+    on `request`."""
+    return make_response(
+        status,
+        body,
+        md5,
+        request_id=request[REQUEST_ID],
+        api_version=request.get(API_VERSION, LATEST_VERSION),
+        spec=request[ROUTE],
+        started=request[STARTED],
+        content_type=content_type,
+        extra=extra,
+    )
+
+
+def make_response(
+    status: int,
+    body: bytes,
+    md5: str | None,
+    *,
+    request_id: str,
+    api_version: str,
+    spec: RouteSpec,
+    started: float,
+    content_type: str = _JSON,
+    extra: dict[str, str] | None = None,
+) -> web.Response:
     """Build a response with CloudAPI's full header set.
 
     HEAD gets the same headers, Content-Length and Content-MD5 as GET, without the body.
     """
-    request_id = request[REQUEST_ID]
-    api_version = request.get(API_VERSION, LATEST_VERSION)
-    spec = request[ROUTE]
-    elapsed = str(int((time.monotonic() - request[STARTED]) * 1000))
+    elapsed = str(int((time.monotonic() - started) * 1000))
     headers = {
         "Content-Type": content_type,
         "Content-MD5": md5 if md5 is not None else content_md5(body),
@@ -304,24 +331,51 @@ async def _serve_request(request: web.Request, handler, started: float) -> web.S
         else:
             await _run_stages(request, spec)
             response = await handler(request)
-    except CloudApiError as exc:
-        error = exc
-    except DatabaseUnavailable as exc:
+    except Exception as exc:
+        error = error_for_exception(request, exc)
+    return finish(request, spec, started, response, error, request.app.get(REQUEST_OBSERVER))
+
+
+def error_for_exception(request: web.BaseRequest, exc: Exception) -> CloudApiError:
+    """Return the CloudAPI error that answers `exc`; what the client is not told is logged."""
+    if isinstance(exc, CloudApiError):
+        return exc
+    if isinstance(exc, DatabaseUnavailable):
         log.warning("database_unavailable", error=str(exc), request_id=request[REQUEST_ID])
-        error = ServiceUnavailable(headers={"Retry-After": "1"})
-    except web.HTTPException as exc:
+        return ServiceUnavailable(headers={"Retry-After": "1"})
+    if isinstance(exc, web.HTTPException):
         # Raised by aiohttp itself (for example a malformed body); keep its status.
         error = CloudApiError(exc.reason)
         error.status = exc.status
         error.code = "BadRequestError" if 400 <= exc.status < 500 else "InternalError"
-    except Exception:
-        log.exception("request_failed", request_id=request[REQUEST_ID], method=request.method, path=request.path)
-        error = InternalError()
+        return error
+    log.error(
+        "request_failed", request_id=request[REQUEST_ID], method=request.method, path=request.path, exc_info=exc
+    )
+    return InternalError()
 
+
+def finish(
+    request: web.BaseRequest,
+    spec: RouteSpec,
+    started: float,
+    response: web.StreamResponse | None,
+    error: CloudApiError | None,
+    observer: RequestObserver | None,
+) -> web.StreamResponse:
+    """Answer `error` if there is one, then hand the request to `observer` (the access
+    log and metrics)."""
     if error is not None:
         response = build_response(request, status=error.status, body=error_body(error), extra=error.headers)
-
-    observer = request.app.get(REQUEST_OBSERVER)
     if observer is not None:
-        observer(request, spec, response.status, time.monotonic() - started, error)
+        caller = request.get(CALLER)
+        observer(
+            request.method,
+            spec,
+            response.status,
+            time.monotonic() - started,
+            error,
+            request[REQUEST_ID],
+            None if caller is None else caller.login,
+        )
     return response

@@ -46,6 +46,7 @@ from service.errors import (
     RequestTimeout,
     UriTooLong,
 )
+from service.hotpath import HOT_PATH
 from service.http import REQUEST_ID, ROUTE, STARTED, RouteSpec, build_response, error_body, request_id_for
 
 log = structlog.get_logger("http")
@@ -53,6 +54,9 @@ log = structlog.get_logger("http")
 MAX_REQUEST_LINE = 4096  # bytes of the request target (the method and version not counted)
 MAX_FIELD_SIZE = 8190  # bytes of one header name, and of one header value
 MAX_HEADERS = 128  # headers in one request
+
+# Seconds a timer may fire before its deadline (the loop's clock counts milliseconds).
+_TIMER_SLACK = 0.002
 
 # The route name that logs and metrics show for a response given before any routing.
 _PROTOCOL_ROUTE = RouteSpec(name="protocol_error")
@@ -133,11 +137,24 @@ def _answering_http_exceptions(
 class CloudApiRequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler with JSON protocol errors and a header timeout."""
 
-    __slots__ = ("_header_timeout", "_header_timer", "_header_bytes_seen", "_last_payload", "_timed_out")
+    __slots__ = (
+        "_header_timeout",
+        "_header_timer",
+        "_header_deadline",
+        "_header_bytes_seen",
+        "_last_payload",
+        "_timed_out",
+    )
 
     def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
+        # The loop time by which the headers being received must be complete, or None
+        # between requests. The timer is not cancelled when a request's headers are
+        # complete: when it fires it looks at the deadline of that moment, and sets
+        # itself again for a later one. So a kept-alive connection costs one timer per
+        # `header_timeout`, not a timer per request.
+        self._header_deadline: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes_seen = False
         # The body of the newest parsed request: bytes that arrive while it is not
@@ -150,12 +167,15 @@ class CloudApiRequestHandler(web_protocol.RequestHandler):
         self._start_header_timer(bytes_seen=False)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_header_timer()
+        self._header_deadline = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if data and not self._timed_out:
-            if self._header_timer is not None:
+            if self._header_deadline is not None:
                 self._header_bytes_seen = True
             elif self._last_payload is None or self._last_payload.is_eof():
                 # The first byte of the next request on a kept-alive connection.
@@ -166,20 +186,25 @@ class CloudApiRequestHandler(web_protocol.RequestHandler):
         if self._messages:
             # A complete request (or a parse error) is queued: its headers are in.
             self._last_payload = self._messages[-1][1]
-            self._stop_header_timer()
+            self._header_deadline = None
 
     def _start_header_timer(self, *, bytes_seen: bool) -> None:
         self._header_bytes_seen = bytes_seen
         loop = asyncio.get_running_loop()
-        self._header_timer = loop.call_later(self._header_timeout, self._header_timer_expired)
-
-    def _stop_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._header_deadline = loop.time() + self._header_timeout
+        if self._header_timer is None:
+            self._header_timer = loop.call_at(self._header_deadline, self._header_timer_expired)
 
     def _header_timer_expired(self) -> None:
         self._header_timer = None
+        deadline = self._header_deadline
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if deadline - loop.time() > _TIMER_SLACK:
+            self._header_timer = loop.call_at(deadline, self._header_timer_expired)
+            return
+        self._header_deadline = None
         if self._messages or self.transport is None:
             return
         if not self._header_bytes_seen:
@@ -228,7 +253,8 @@ class CloudApiServer(web.Server):
 
 
 class CloudApiRunner(web.AppRunner):
-    """An AppRunner whose connections are CloudApiRequestHandler, with this module's limits."""
+    """An AppRunner whose connections are CloudApiRequestHandler, with this module's
+    limits, and whose requests go to the hot path (`service.hotpath`) before the app."""
 
     __slots__ = ("_header_timeout",)
 
@@ -240,8 +266,12 @@ class CloudApiRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        handler = server.request_handler
+        hot_path = self._app.get(HOT_PATH)
+        if hot_path is not None:
+            handler = hot_path.handler(handler)
         return CloudApiServer(
-            server.request_handler,
+            handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             header_timeout=self._header_timeout,

@@ -12,6 +12,7 @@ from aiohttp import web
 from service.errors import NotAuthorized, ResourceNotFound, ServiceUnavailable, DatabaseUnavailable
 from service.http import API_VERSION, CALLER, RouteSpec, build_response
 from service.storage import ImageStore
+from service.images import Rendering
 from service.versions import SUPPORTED_VERSIONS, rendering_for
 
 IMAGE_STORE = web.AppKey("image_store", ImageStore)
@@ -32,37 +33,52 @@ ROUTES: dict[str, RouteSpec] = {
 }
 
 
-def _check_login(request: web.Request, login: str) -> None:
+def _check_login(caller, method: str, raw_path: str, login: str) -> None:
     """Allow `my`, the caller's login and the caller's UUID; refuse every other login.
 
     The refusal comes before any lookup, whether or not `login` exists, so it reveals
     nothing about other accounts or their images.
     """
-    caller = request.get(CALLER)
     if caller is None:
         return
     if login == "my" or login == caller.login or login == caller.uuid:
         return
-    action = "headimage" if request.method == "HEAD" else "getimage"
-    raise NotAuthorized(f"You do not have permission to access {request.rel_url.raw_path} ({action})")
+    action = "headimage" if method == "HEAD" else "getimage"
+    raise NotAuthorized(f"You do not have permission to access {raw_path} ({action})")
 
 
 async def get_image(request: web.Request) -> web.Response:
     """GetImage and HeadImage: `GET /:login/images/:id`."""
     match_info = request.match_info
-    _check_login(request, match_info["login"])
-    image_id = match_info["id"]
+    body, md5 = await find_answer(
+        request.app[IMAGE_STORE],
+        request.get(CALLER),
+        request.method,
+        request.rel_url.raw_path,
+        match_info["login"],
+        match_info["id"],
+        rendering_for(request[API_VERSION]),
+    )
+    return build_response(request, status=200, body=body, md5=md5)
+
+
+async def find_answer(
+    store: ImageStore, caller, method: str, raw_path: str, login: str, image_id: str, rendering: Rendering
+) -> tuple[bytes, str]:
+    """Return the body of GetImage and its Content-MD5, or raise the CloudAPI error.
+
+    `caller` is the authenticated account (None when authentication is off). Shared by
+    the route above and the hot path (service.hotpath), which calls it without
+    aiohttp's router.
+    """
+    _check_login(caller, method, raw_path, login)
     if not _IMAGE_ID.match(image_id):
         raise ResourceNotFound(f"{image_id} not found")
-
-    rendering = rendering_for(request[API_VERSION])
-    record = await request.app[IMAGE_STORE].get(image_id, rendering)
-    caller = request.get(CALLER)
+    record = await store.get(image_id, rendering)
     if record is None or not record.visible_to(None if caller is None else caller.uuid):
         # Hidden and missing images get the same response, so a stranger learns nothing.
         raise ResourceNotFound(f"image {image_id} not found")
-    body, md5 = record.answer(rendering)
-    return build_response(request, status=200, body=body, md5=md5)
+    return record.answer(rendering)
 
 
 async def ping(request: web.Request) -> web.Response:

@@ -22,7 +22,6 @@ import asyncpg
 import orjson
 import pytest
 import structlog
-from aiohttp.test_utils import TestServer
 
 from service import logs
 from service.app import create_app
@@ -33,7 +32,7 @@ from workers.producer import EventPublisher, image_event
 from workers.projector import apply_batch
 
 from tests import log_capture
-from tests.helpers import ACCOUNT_UUIDS, DEFAULT_TIMEOUT, TestAccount, openssh_public
+from tests.helpers import ACCOUNT_UUIDS, DEFAULT_TIMEOUT, ServiceServer, TestAccount, openssh_public
 
 # Before any test module imports the signing helpers, so every signature is recorded.
 log_capture.record_signatures()
@@ -127,7 +126,7 @@ async def db_pool(database_url):
 @pytest.fixture(scope="session")
 async def api_server(settings):
     """The API on a free loopback port, shared by the session."""
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = ServiceServer(create_app(settings), settings)
     await server.start_server()
     yield server
     await server.close()

@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from service.auth.client import sign_headers
 from service.auth.keys import parse_public_key
+from service.protocol import make_runner
 
 DEFAULT_TIMEOUT = 20.0  # seconds any wait in a test may take before it fails
 
@@ -159,3 +161,15 @@ class TestAccount:
             target=target,
             **options,
         )
+
+
+class ServiceServer(TestServer):
+    """aiohttp's TestServer with the runner the service serves with (`make_runner`): its
+    connection layer, limits and hot path, as in production."""
+
+    def __init__(self, app, settings, **kwargs):
+        super().__init__(app, host="127.0.0.1", **kwargs)
+        self._settings = settings
+
+    async def _make_runner(self, **kwargs):
+        return make_runner(self.app, self._settings)

@@ -23,7 +23,8 @@ _KEY_TYPES = {
 MAX_KEY_TEXT = 16384  # characters of an OpenSSH public key line
 
 # Signing algorithms of the Authorization header, and the hash each one uses.
-_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES = {"sha1": hashes.SHA1(), "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
+_PKCS1 = padding.PKCS1v15()
 SUPPORTED_ALGORITHMS = frozenset(
     {
         "rsa-sha1",
@@ -59,9 +60,9 @@ class PublicKey:
             return False
         try:
             if family == "rsa":
-                self.key.verify(signature, data, padding.PKCS1v15(), _HASHES[hash_name]())
+                self.key.verify(signature, data, _PKCS1, _HASHES[hash_name])
             elif family == "ecdsa":
-                self.key.verify(_der_ecdsa_signature(self.key, signature), data, ec.ECDSA(_HASHES[hash_name]()))
+                self.key.verify(_der_ecdsa_signature(self.key, signature), data, ec.ECDSA(_HASHES[hash_name]))
             elif family == "ed25519":
                 self.key.verify(signature, data)
             else:

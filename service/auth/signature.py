@@ -250,7 +250,9 @@ _CLIENT_FORM = re.compile(r'Signature keyId="([^"]+)",algorithm="([^"]+)",header
 _CLIENT_HEADER_LISTS = frozenset({"(request-target) date", "date (request-target)", "date"})
 
 
-def _client_form(value: str, view: RequestView, now: float) -> Credentials | None:
+def parse_client_form(value: str, view: RequestView, now: float) -> Credentials | None:
+    """Parse a header in the clients' form; return None for any other header, or when
+    the Date is missing, unreadable or too far off (the general parsers name the error)."""
     match = _CLIENT_FORM.fullmatch(value)
     if match is None:
         return None
@@ -284,7 +286,7 @@ def parse_authorization(value: str | None, view: RequestView, now: float) -> Cre
     """
     if not value:
         raise InvalidCredentials(NOT_AUTHENTICATED)
-    credentials = _client_form(value, view, now)
+    credentials = parse_client_form(value, view, now)
     if credentials is not None:
         return credentials
     scheme, space, _rest = value.partition(" ")

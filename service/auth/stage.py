@@ -20,14 +20,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from service.auth.keys import PublicKey, parse_public_key
-from service.auth.signature import RequestView, parse_authorization
-from service.auth.store import KeyStore
+from service.auth.signature import Credentials, RequestView, parse_authorization
+from service.auth.store import Account, KeyStore
+from service.auth.verifier import SignatureVerifier
 from service.errors import InvalidCredentials, NotAuthorized
 from service.http import CALLER
 
 log = structlog.get_logger("auth")
 
 KEY_STORE = web.AppKey("key_store", KeyStore)
+VERIFIER = web.AppKey("signature_verifier", SignatureVerifier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,7 @@ def _decode_signature(text: str) -> bytes | None:
         return None
 
 
-def _view(request: web.Request) -> RequestView:
+def request_view(request: web.BaseRequest) -> RequestView:
     version = request.version
     return RequestView(
         method=request.method,
@@ -100,18 +102,31 @@ def _view(request: web.Request) -> RequestView:
 
 async def authenticate(request: web.Request) -> None:
     """Verify the request's HTTP Signature and set `request[CALLER]`, or raise."""
-    credentials = parse_authorization(request.headers.get("Authorization"), _view(request), time.time())
+    credentials = parse_authorization(request.headers.get("Authorization"), request_view(request), time.time())
     account_reference, key_reference = parse_key_id(credentials.key_id)
-
     account = await request.app[KEY_STORE].find(account_reference)
+    request[CALLER] = await verify(credentials, account, key_reference, request.app.get(VERIFIER))
+
+
+async def verify(
+    credentials: Credentials, account: Account | None, key_reference: str, verifier: SignatureVerifier | None
+) -> Caller:
+    """Check `credentials` against the key `key_reference` of `account` (None: no such
+    account), on `verifier`'s thread when there is one; return the caller, or raise
+    InvalidCredentials or NotAuthorized."""
     key = account.find_key(key_reference) if account is not None else None
     signature = _decode_signature(credentials.signature)
 
-    verified = False
-    if key is not None and signature is not None:
-        verified = key.verify(credentials.algorithm, signature, credentials.signing_string)
+    # Without a key or a readable signature, a stand-in key checks the request anyway,
+    # so the answer takes as long as for a wrong signature.
+    genuine = key is not None and signature is not None
+    checked_key = key if genuine else _stand_in(credentials.algorithm)
+    checked_signature = signature if genuine else signature or b"\0" * 64
+    if verifier is not None:
+        verified = await verifier.verify(checked_key, credentials.algorithm, checked_signature, credentials.signing_string)
     else:
-        _stand_in(credentials.algorithm).verify(credentials.algorithm, signature or b"\0" * 64, credentials.signing_string)
+        verified = checked_key.verify(credentials.algorithm, checked_signature, credentials.signing_string)
+    verified = verified and genuine
 
     if not verified:
         if account is None:
@@ -130,5 +145,4 @@ async def authenticate(request: web.Request) -> None:
     if account.disabled:
         log.warning("auth_rejected", reason="account_disabled", login=account.login)
         raise NotAuthorized("Account or user is disabled")
-    request[CALLER] = Caller(uuid=account.uuid, login=account.login, key_id=credentials.key_id)
-
+    return Caller(uuid=account.uuid, login=account.login, key_id=credentials.key_id)

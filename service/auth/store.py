@@ -115,6 +115,13 @@ class KeyStore(Subscriber):
     def set_enabled(self, enabled: bool) -> None:
         self._enabled = enabled
 
+    def cached(self, reference: str) -> Account | _Unknown | None:
+        """Return what the cache holds for `reference`: the account, UNKNOWN, or None when
+        it holds nothing (or is off) and `find()` must ask Postgres."""
+        if not self._enabled:
+            return None
+        return self._entries.get(reference)
+
     async def find(self, reference: str) -> Account | None:
         """Return the one account whose login or UUID is `reference`, or None."""
         if not POSSIBLE_LOGIN.fullmatch(reference):

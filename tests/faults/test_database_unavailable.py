@@ -9,14 +9,13 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
 from service import accounts as account_commands
 from service.app import create_app
 from service.migrate import migrate
 from service.settings import Settings
 from tests.conftest import store_manifests
-from tests.helpers import TestAccount, manifest, openssh_public, wait_until
+from tests.helpers import ServiceServer, TestAccount, manifest, openssh_public, wait_until
 from tests.support.fixtures import private_postgres  # noqa: F401 (a pytest fixture)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
@@ -51,7 +50,7 @@ async def test_stopped_postgres_gives_503_then_recovers(private_postgres):
     dsn = await asyncio.to_thread(private_postgres.create_database, "images")
     person, image = await _prepare(dsn)
     settings = Settings.from_env({}, database_url=dsn, metrics_port=0, access_log=False)
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = ServiceServer(create_app(settings), settings)
     await server.start_server()
     base = str(server.make_url("")).rstrip("/")
     try:
@@ -84,7 +83,7 @@ async def test_postgres_that_never_answers_gives_503_quickly():
     port = silent.getsockname()[1]
     dsn = f"postgresql://postgres@127.0.0.1:{port}/images"
     settings = Settings.from_env({}, database_url=dsn, metrics_port=0, access_log=False, db_connect_timeout=1.0)
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = ServiceServer(create_app(settings), settings)
     await server.start_server()
     base = str(server.make_url("")).rstrip("/")
     person = TestAccount("quinn")

@@ -20,7 +20,6 @@ import aiohttp
 import asyncpg
 import pytest
 import structlog
-from aiohttp.test_utils import TestServer
 
 from service import accounts as account_commands
 from service import db
@@ -35,7 +34,7 @@ from tests.faults.harness import (
     publish,
     wait_all_logged,
 )
-from tests.helpers import TestAccount, openssh_public
+from tests.helpers import ServiceServer, TestAccount, openssh_public
 
 pytestmark = pytest.mark.faults
 
@@ -86,7 +85,7 @@ async def test_migration_while_serving(steady_postgres, steady_rabbit):
     after = image_histories(40, 1)
     image_uuids = [event["image_uuid"] for event in before]
     statuses: list[int] = []
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = ServiceServer(create_app(settings), settings)
     await server.start_server()
     http = aiohttp.ClientSession()
     stop_load = asyncio.Event()

@@ -12,10 +12,9 @@ import dataclasses
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
 from service.app import begin_shutdown, create_app
-from tests.helpers import DEFAULT_TIMEOUT
+from tests.helpers import DEFAULT_TIMEOUT, ServiceServer
 from tests.ops.conftest import CLOSED_DATABASE_URL, ServiceProcess, free_port
 from workers.consumer import Worker
 from workers.health import start_health_server
@@ -33,7 +32,7 @@ async def api_server():
 
     async def start(settings):
         app = create_app(settings)
-        server = TestServer(app, host="127.0.0.1")
+        server = ServiceServer(app, settings)
         await server.start_server()
         servers.append(server)
         return app, str(server.make_url("")).rstrip("/")

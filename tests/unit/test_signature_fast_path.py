@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from service.auth.signature import RequestView, _client_form, _current
+from service.auth.signature import RequestView, parse_client_form, _current
 from tests.helpers import TestAccount
 
 ALICE = TestAccount("alice")
@@ -32,7 +32,7 @@ def test_fast_path_matches_general_parser(signed, offset, query, algorithm):
     headers["Authorization"] = headers["Authorization"].replace('algorithm="rsa-sha256"', f'algorithm="{algorithm}"')
     view = _view(headers, target)
 
-    fast = _client_form(headers["Authorization"], view, NOW)
+    fast = parse_client_form(headers["Authorization"], view, NOW)
 
     if fast is not None:
         assert fast == _current(headers["Authorization"], view, NOW)
@@ -46,4 +46,4 @@ def test_other_parameter_orders_use_the_general_parser():
     key_id, algorithm, listed, signature = (part.split("=", 1)[1] for part in headers["Authorization"][10:].split(","))
     reordered = f"Signature algorithm={algorithm},keyId={key_id},signature={signature},headers={listed}"
 
-    assert _client_form(reordered, _view({**headers, "Authorization": reordered}, "/my/images/x"), NOW) is None
+    assert parse_client_form(reordered, _view({**headers, "Authorization": reordered}, "/my/images/x"), NOW) is None
