@@ -74,11 +74,11 @@ async def find_answer(
     _check_login(caller, method, raw_path, login)
     if not _IMAGE_ID.match(image_id):
         raise ResourceNotFound(f"{image_id} not found")
-    record = await store.get(image_id, rendering)
-    if record is None or not record.visible_to(None if caller is None else caller.uuid):
+    entry = await store.get(image_id, rendering)
+    if entry is None or not store.visible_to(entry, None if caller is None else caller.uuid):
         # Hidden and missing images get the same response, so a stranger learns nothing.
         raise ResourceNotFound(f"image {image_id} not found")
-    return record.answer(rendering)
+    return store.answer(entry)
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -95,6 +95,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Report readiness: not shutting down, and Postgres responds within a second."""
     if request.app[SHUTTING_DOWN]["value"]:
         raise ServiceUnavailable("shutting down")
+    if request.app[IMAGE_STORE].warming_up:
+        raise ServiceUnavailable("filling the image cache")
     try:
         await request.app[IMAGE_STORE].ping(_READINESS_TIMEOUT)
     except DatabaseUnavailable:

@@ -196,7 +196,7 @@ class Settings:
         "METRICS_PORT", "9090", _parse_int(0, 65535), "Port of the API's Prometheus metrics; 0 turns them off."
     )
     cache_max_images: int = _field(
-        "CACHE_MAX_IMAGES", "20000", _parse_int(0, 10_000_000), "Images each API process keeps in memory; 0 turns the cache off."
+        "CACHE_MAX_IMAGES", "100000", _parse_int(0, 10_000_000), "Images each API process keeps in memory; 0 turns the cache off."
     )
     log_format: str = _field("LOG_FORMAT", "json", _parse_choice("json", "console"), "Log line format.")
     log_level: str = _field(

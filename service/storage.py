@@ -1,92 +1,139 @@
-"""Read side of the images read model, with a bounded in-process cache.
+"""Read side of the images read model, with a compact, bounded in-process cache.
 
-The cache holds, per image, the visibility fields and the serialized answers already
-asked for (one per rendering, with its Content-MD5). It is only used while the change
-listener is connected; a notification drops the changed images, and a lost listening
-connection flushes everything. Missing and deleted ids are cached too, in their own
-smaller LRU, so a missing id and a hidden image cost the same.
+The cache keeps, per image and rendering (API version class), one bytes object, an
+"entry":
+
+    flags (1) | MD5 of the body (16) | owner (4) | [acl size (2) | acl members (4 each)] | body
+
+Owner and acl members are numbers from a table of the names seen (`_Names`): the same
+few owners come back in thousands of images. The body is the JSON answer compressed
+with raw deflate and a preset dictionary of real answers
+(`service/compression-sample.jsonl`), which takes a 500-byte answer to about 150 bytes
+and back in about 2 microseconds. An entry and its key take about 350 bytes, so an API
+process holds 100,000 images in about 35 MB (docs/benchmarks.md).
+
+The cache is used only while the change listener is connected. A notification drops
+the changed images, and a lost listening connection flushes everything. When the
+listener connects, the cache fills itself from the read model (`warm()`), so a new API
+process does not send a query per image to Postgres. Missing and deleted ids are cached
+too, in a smaller table, so a missing id and a hidden image cost the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import ctypes
 import hashlib
-import sys
-from collections import OrderedDict
-from dataclasses import dataclass
+import zlib
+from importlib import resources
 
 import asyncpg
 import orjson
+import structlog
 
 from service import db
 from service.errors import DatabaseUnavailable
 from service.images import Rendering, render
 from service.notify import Subscriber
 
+log = structlog.get_logger("cache")
+
 _QUERIES = db.load_queries("read.sql")
 
 # Visible to accounts other than the owner only in these states.
 _ACTIVATED_STATES = frozenset({"active", "disabled"})
 
+# Entry flags.
+_PUBLIC = 1
+_ACTIVATED = 2
+_HAS_ACL = 4
+_DEFLATED = 8  # the body is compressed (entries made only to answer one request are not)
 
-_EMPTY_ACL: frozenset[str] = frozenset()
+_HEADER = 21  # flags, MD5 and owner
+_NO_NAME = 0  # the owner number of an image without an owner
+
+# Preset dictionaries of raw deflate: up to 16 KiB of text like what is compressed, the
+# most common at the end. Until the cache first fills itself, a sample of real answers;
+# then answers of the read model itself (`_learn_dictionary`).
+_SAMPLE_DICTIONARY = resources.files("service").joinpath("compression-sample.jsonl").read_bytes()
+_DICTIONARY_SIZE = 16384
+
+WARM_PAGE = 250  # images per query while the cache fills itself
+_NO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
-def _exact(data: bytes) -> bytes:
-    # orjson returns bytes whose memory block keeps the capacity of its output buffer
-    # (about 8 KiB here for a 600-byte body); a copy holds just the bytes, which matters
-    # for tens of thousands of cached answers.
-    return bytes(memoryview(data))
+def image_key(uuid: str) -> bytes:
+    """Return the cache key of the canonical UUID text `uuid` (16 bytes)."""
+    return bytes.fromhex(uuid.replace("-", ""))
 
 
-@dataclass(slots=True)
-class ImageRecord:
-    """One live image: the fields visibility needs, and its responses rendered so far.
+class _Names:
+    """Numbers for owner and acl names, so entries hold 4 bytes instead of a string.
 
-    The manifest itself is not kept: an answer for another API version class is rare,
-    and rendering it means reading the row again.
+    Names are only added: there are as many as accounts that own or share images.
     """
 
-    owner: str | None
-    public: bool
-    state: str | None
-    acl: frozenset[str]
-    answers: list[tuple[bytes, str] | None]
+    def __init__(self):
+        self._numbers: dict[str, bytes] = {}
 
-    def visible_to(self, account_uuid: str | None) -> bool:
-        """Apply CloudAPI's visibility rules for the account `account_uuid`.
+    def number(self, name: str) -> bytes:
+        found = self._numbers.get(name)
+        if found is None:
+            found = self._numbers[name] = (len(self._numbers) + 1).to_bytes(4, "little")
+        return found
 
-        None stands for "no account": every image that is not deleted is visible, which is
-        what the API serves when authentication is switched off.
-        """
-        if account_uuid is None:
-            return True
-        if self.owner == account_uuid:
-            return True
-        if self.state not in _ACTIVATED_STATES:
-            return False
-        return self.public or account_uuid in self.acl
-
-    def answer(self, rendering: Rendering) -> tuple[bytes, str] | None:
-        """Return the JSON body for `rendering` and its base64 MD5, if rendered already."""
-        return self.answers[rendering]
+    def find(self, name: str) -> bytes | None:
+        return self._numbers.get(name)
 
 
-def _record(row, rendering: Rendering) -> ImageRecord:
-    body = _exact(render(orjson.loads(row["manifest"]), rendering))
-    answers: list[tuple[bytes, str] | None] = [None, None, None]
-    answers[rendering] = (body, base64.b64encode(hashlib.md5(body).digest()).decode("ascii"))
+def pack(row, rendering: Rendering, names: _Names, dictionary: bytes | None) -> bytes:
+    """Return the entry of the read model row `row` rendered for `rendering`, its body
+    compressed with `dictionary` unless that is None."""
+    return pack_body(row, render(orjson.loads(row["manifest"]), rendering), names, dictionary)
+
+
+def pack_body(row, body: bytes, names: _Names, dictionary: bytes | None) -> bytes:
+    deflate = dictionary is not None
+    flags = _DEFLATED if deflate else 0
+    if row["public"]:
+        flags |= _PUBLIC
+    if row["state"] in _ACTIVATED_STATES:
+        flags |= _ACTIVATED
     owner = row["owner"]
+    parts = [b"", hashlib.md5(body).digest(), names.number(owner) if owner is not None else bytes(4)]
     acl = row["acl"]
-    return ImageRecord(
-        # Owners and states repeat across images; one shared string each saves memory.
-        owner=sys.intern(owner) if owner is not None else None,
-        public=bool(row["public"]),
-        state=sys.intern(row["state"]) if row["state"] is not None else None,
-        acl=frozenset(acl) if acl else _EMPTY_ACL,
-        answers=answers,
-    )
+    if acl:
+        members = sorted({names.number(member) for member in acl})[:65535]
+        flags |= _HAS_ACL
+        parts.append(len(members).to_bytes(2, "little"))
+        parts.extend(members)
+    parts[0] = bytes((flags,))
+    if deflate:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
+        parts.append(compressor.compress(body))
+        parts.append(compressor.flush())
+    else:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _body_start(entry: bytes) -> int:
+    if entry[0] & _HAS_ACL:
+        return _HEADER + 2 + 4 * int.from_bytes(entry[_HEADER : _HEADER + 2], "little")
+    return _HEADER
+
+
+def _release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only), after the pages of
+    rows read while warming, which are garbage now."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 class _Missing:
@@ -96,35 +143,6 @@ class _Missing:
 MISSING = _Missing()
 
 
-class _LRU:
-    def __init__(self, max_size: int):
-        self.max_size = max_size
-        self._data: OrderedDict[str, object] = OrderedDict()
-
-    def get(self, key: str):
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: object) -> None:
-        if self.max_size <= 0:
-            return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_size:
-            self._data.popitem(last=False)
-
-    def pop(self, key: str) -> None:
-        self._data.pop(key, None)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 class ImageStore(Subscriber):
     """Fetch images by UUID through the cache; one query per miss, shared by concurrent misses."""
 
@@ -132,12 +150,27 @@ class ImageStore(Subscriber):
         self._pool = pool
         self._gate = db.FairGate(pool.get_max_size())
         self._query_timeout = query_timeout
-        self._live = _LRU(cache_size)
-        self._missing = _LRU(min(cache_size, max(1024, cache_size // 4)) if cache_size else 0)
-        self._loading: dict[str, asyncio.Future] = {}
+        self.max_size = cache_size
+        self._names = _Names()
+        self._dictionary = _SAMPLE_DICTIONARY[-_DICTIONARY_SIZE:]
+        self._dictionary_learned = False
+        # One table per rendering, and per rendering the order in which keys went in
+        # (oldest first), for eviction. A key dropped by a notification stays in the
+        # order until it comes up; `_evict` skips it then.
+        self._entries: list[dict[bytes, bytes]] = [{} for _ in Rendering]
+        self._order: list[collections.deque[bytes]] = [collections.deque() for _ in Rendering]
+        self._size = 0
+        self._missing: dict[bytes, None] = {}
+        self._missing_max = min(cache_size, max(1024, cache_size // 4)) if cache_size else 0
+        self._loading: dict[bytes, asyncio.Future] = {}
         self._enabled = False
         # Bumped by every flush; a load that started before a flush must not fill the cache.
         self._generation = 0
+        # Keys changed while the cache fills itself: the page being read may hold their
+        # old rows.
+        self._changed_while_warming: set[bytes] | None = None
+        self._warm_task: asyncio.Task | None = None
+        self._first_warm_done = False
         self.hits = 0
         self.misses = 0
 
@@ -145,78 +178,174 @@ class ImageStore(Subscriber):
 
     def on_change(self, ids: list[str]) -> None:
         for uuid in ids:
-            self._live.pop(uuid)
-            self._missing.pop(uuid)
+            try:
+                key = image_key(uuid)
+            except ValueError:
+                continue
+            for entries in self._entries:
+                if entries.pop(key, None) is not None:
+                    self._size -= 1
+            self._missing.pop(key, None)
             # A load in flight may have read the old row; keep its result out of the cache.
-            self._loading.pop(uuid, None)
+            self._loading.pop(key, None)
+            if self._changed_while_warming is not None:
+                self._changed_while_warming.add(key)
 
     def on_flush(self) -> None:
         self._generation += 1
-        self._live.clear()
+        for entries, order in zip(self._entries, self._order):
+            entries.clear()
+            order.clear()
+        self._size = 0
         self._missing.clear()
         self._loading.clear()
 
     def set_enabled(self, enabled: bool) -> None:
-        self._enabled = enabled and self._live.max_size > 0
+        self._enabled = enabled and self.max_size > 0
+        if self._warm_task is not None:
+            self._warm_task.cancel()
+            self._warm_task = None
+        if self._enabled:
+            self._warm_task = asyncio.get_running_loop().create_task(self.warm(), name="cache-warm")
+
+    @property
+    def warming_up(self) -> bool:
+        """True while the cache fills itself for the first time since the process
+        started; readiness waits for it. Later fills, after a flush, do not count."""
+        return not self._first_warm_done and self._warm_task is not None and not self._warm_task.done()
 
     @property
     def cached_images(self) -> int:
-        return len(self._live) + len(self._missing)
+        return self._size + len(self._missing)
 
-    async def get(self, uuid: str, rendering: Rendering) -> ImageRecord | None:
-        """Return the live image `uuid` with its answer for `rendering`, or None when it
-        does not exist or was deleted."""
-        if self._enabled:
-            found = self._live.get(uuid)
-            if found is None:
-                found = self._missing.get(uuid)
-            if found is not None:
-                if found is MISSING:
-                    self.hits += 1
-                    return None
-                if found.answers[rendering] is not None:
-                    self.hits += 1
-                    return found
-            else:
-                pending = self._loading.get(uuid)
-                if pending is not None:
-                    record = await asyncio.shield(pending)
-                    if record is None or record.answers[rendering] is not None:
-                        return record
-        self.misses += 1
+    def holds(self, uuid: str) -> bool:
+        """Return True when the cache holds an answer for the image `uuid`."""
+        key = image_key(uuid)
+        return any(key in entries for entries in self._entries)
+
+    def holds_missing(self, uuid: str) -> bool:
+        """Return True when the cache holds `uuid` as an id without a live image."""
+        return image_key(uuid) in self._missing
+
+    def answer(self, entry: bytes) -> tuple[bytes, str]:
+        """Return the JSON body of `entry` and its base64 MD5 (the Content-MD5 header)."""
+        body = memoryview(entry)[_body_start(entry) :]
+        if entry[0] & _DEFLATED:
+            body = zlib.decompressobj(-15, self._dictionary).decompress(body)
+        else:
+            body = bytes(body)
+        return body, base64.b64encode(entry[1:17]).decode("ascii")
+
+    def visible_to(self, entry: bytes, account_uuid: str | None) -> bool:
+        """Apply CloudAPI's visibility rules to `entry` for the account `account_uuid`.
+
+        None stands for "no account": every image that is not deleted is visible, which is
+        what the API serves when authentication is switched off.
+        """
+        if account_uuid is None:
+            return True
+        number = self._names.find(account_uuid)
+        if number is not None and entry[17:_HEADER] == number:
+            return True
+        flags = entry[0]
+        if not flags & _ACTIVATED:
+            return False
+        if flags & _PUBLIC:
+            return True
+        if number is None or not flags & _HAS_ACL:
+            return False
+        end = _body_start(entry)
+        return any(entry[start : start + 4] == number for start in range(_HEADER + 2, end, 4))
+
+    async def get(self, uuid: str, rendering: Rendering) -> bytes | None:
+        """Return the entry of the live image `uuid` for `rendering`, or None when it
+        does not exist or was deleted. `answer()` and `visible_to()` read the entry."""
         if not self._enabled:
-            return await self._fetch(uuid, rendering)
+            self.misses += 1
+            return await self._fetch(uuid, rendering, deflate=False)
+        key = image_key(uuid)
+        found = self._entries[rendering].get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        if key in self._missing:
+            self.hits += 1
+            return None
+        pending = self._loading.get(key)
+        if pending is not None:
+            # Another request is loading this id: share its query. (Counted as neither
+            # a hit nor a miss.)
+            loaded = await asyncio.shield(pending)
+            if loaded is None:
+                return None
+            if loaded[rendering] is not None:
+                return loaded[rendering]
+        self.misses += 1
+        return await self._load(key, uuid, rendering)
 
+    async def _load(self, key: bytes, uuid: str, rendering: Rendering) -> bytes | None:
+        # The future carries, per rendering, the entry this load made (or None for a
+        # missing id), so that concurrent requests for the same id share one query.
         future = asyncio.get_running_loop().create_future()
-        self._loading[uuid] = future
+        self._loading[key] = future
         generation = self._generation
         try:
-            record = await self._fetch(uuid, rendering)
+            entry = await self._fetch(uuid, rendering, deflate=True)
         except BaseException as exc:
-            if self._loading.get(uuid) is future:
-                del self._loading[uuid]
+            if self._loading.get(key) is future:
+                del self._loading[key]
             if not future.done():
                 future.set_exception(exc if isinstance(exc, Exception) else DatabaseUnavailable("cancelled"))
                 # Mark the exception retrieved: waiters may all have gone away.
                 future.exception()
             raise
-        if self._loading.get(uuid) is future:
-            del self._loading[uuid]
+        if self._loading.get(key) is future:
+            del self._loading[key]
             if self._enabled and generation == self._generation:
-                if record is None:
-                    self._missing.put(uuid, MISSING)
+                if entry is None:
+                    self._remember_missing(key)
                 else:
-                    # Keep the answers for other versions rendered from the same revision.
-                    previous = self._live.get(uuid)
-                    if previous is not None and previous is not record:
-                        for index, answer in enumerate(previous.answers):
-                            if record.answers[index] is None:
-                                record.answers[index] = answer
-                    self._live.put(uuid, record)
-        future.set_result(record)
-        return record
+                    self._put(rendering, key, entry)
+        if entry is None:
+            future.set_result(None)
+        else:
+            by_rendering: list[bytes | None] = [None] * len(Rendering)
+            by_rendering[rendering] = entry
+            future.set_result(by_rendering)
+        return entry
 
-    async def _fetch(self, uuid: str, rendering: Rendering) -> ImageRecord | None:
+    def _put(self, rendering: Rendering, key: bytes, entry: bytes) -> None:
+        entries = self._entries[rendering]
+        order = self._order[rendering]
+        if key not in entries:
+            self._size += 1
+            order.append(key)
+        entries[key] = entry
+        while self._size > self.max_size and self._evict(rendering):
+            pass
+        if len(order) > 2 * len(entries) + WARM_PAGE:
+            # Keys dropped by notifications pile up in the order; keep only live ones.
+            self._order[rendering] = collections.deque(entries)
+
+    def _evict(self, rendering: Rendering) -> bool:
+        # The oldest entry of this rendering, or of the largest table if this one is empty.
+        if not self._entries[rendering]:
+            rendering = max(range(len(self._entries)), key=lambda index: len(self._entries[index]))
+        entries, order = self._entries[rendering], self._order[rendering]
+        while order:
+            if entries.pop(order.popleft(), None) is not None:
+                self._size -= 1
+                return True
+        return False
+
+    def _remember_missing(self, key: bytes) -> None:
+        missing = self._missing
+        missing[key] = None
+        if len(missing) > self._missing_max:
+            # Dicts keep insertion order: the first key is the oldest.
+            del missing[next(iter(missing))]
+
+    async def _fetch(self, uuid: str, rendering: Rendering, *, deflate: bool) -> bytes | None:
         try:
             async with asyncio.timeout(self._query_timeout):
                 async with self._gate, self._pool.acquire() as connection:
@@ -227,7 +356,57 @@ class ImageStore(Subscriber):
             raise
         if row is None or row["deleted"]:
             return None
-        return _record(row, rendering)
+        return pack(row, rendering, self._names, self._dictionary if deflate else None)
+
+    async def warm(self, rendering: Rendering = Rendering.V8) -> None:
+        """Fill the cache with live images for `rendering` (what current clients ask
+        for), a page at a time in UUID order, until it is full."""
+        generation = self._generation
+        changed = self._changed_while_warming = set()
+        after = _NO_UUID
+        loaded = 0
+        try:
+            while self._enabled and generation == self._generation and self._size < self.max_size:
+                limit = min(WARM_PAGE, self.max_size - self._size)
+                try:
+                    async with asyncio.timeout(self._query_timeout * 10):
+                        async with self._gate, self._pool.acquire() as connection:
+                            rows = await connection.fetch(_QUERIES["warm_images"], after, limit)
+                except Exception as exc:
+                    log.warning("cache_warm_failed", error=repr(exc), loaded=loaded)
+                    return
+                if generation != self._generation:
+                    return
+                entries = self._entries[rendering]
+                bodies = [render(orjson.loads(row["manifest"]), rendering) for row in rows]
+                if not self._dictionary_learned and self._size == 0 and not self._loading and len(bodies) >= 16:
+                    # Nothing compressed is cached or being loaded, so the dictionary may
+                    # still change.
+                    self._learn_dictionary(bodies)
+                for row, body in zip(rows, bodies):
+                    key = image_key(row["uuid"])
+                    if key in entries or key in changed or key in self._loading:
+                        continue
+                    self._put(rendering, key, pack_body(row, body, self._names, self._dictionary))
+                    loaded += 1
+                if len(rows) < limit:
+                    break
+                after = rows[-1]["uuid"]
+                # Let requests through between pages.
+                await asyncio.sleep(0)
+            log.info("cache_warmed", images=loaded, cached=self._size)
+            _release_free_memory()
+        finally:
+            if self._changed_while_warming is changed:
+                self._changed_while_warming = None
+            self._first_warm_done = True
+
+    def _learn_dictionary(self, bodies: list[bytes]) -> None:
+        """Make the compression dictionary out of answers of this read model: they share
+        more with each other (owners, descriptions, home pages) than with the sample."""
+        step = max(1, len(bodies) // 64)
+        self._dictionary = b"".join(bodies[::step])[-_DICTIONARY_SIZE:]
+        self._dictionary_learned = True
 
     async def ping(self, timeout: float) -> None:
         """Run a trivial query; raise DatabaseUnavailable when Postgres does not answer."""

@@ -9,3 +9,11 @@ WHERE uuid = $1;
 -- name: ping_database
 -- Check that the database answers, for readiness.
 SELECT 1;
+
+-- name: warm_images
+-- A page of live images to fill an API process's cache at start, in UUID order after $1.
+SELECT uuid::text AS uuid, owner, public, state, acl, manifest::text AS manifest
+FROM images
+WHERE NOT deleted AND uuid > $1::uuid
+ORDER BY uuid
+LIMIT $2;

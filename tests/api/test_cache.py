@@ -5,13 +5,19 @@ import pytest
 
 from service.app import LISTENER
 from service.auth.stage import KEY_STORE
+from service.images import Rendering
 from service.routes import IMAGE_STORE
+from service.storage import image_key
 from tests.helpers import manifest, wait_until
 
 
 @pytest.fixture
 def app(api_server):
     return api_server.app
+
+
+def _entry(store, uuid):
+    return store._entries[Rendering.V8].get(image_key(uuid))
 
 
 async def _listener_connected(app):
@@ -42,13 +48,13 @@ async def test_notification_drops_the_cached_answer(call, app, db_pool):
     await store_manifests(db_pool, image, revision=1)
     assert (await call(f"/my/images/{image['uuid']}")).json()["name"] == "before"
     store = app[IMAGE_STORE]
-    assert image["uuid"] in store._live._data
+    assert store.holds(image["uuid"])
 
     # The write sends NOTIFY in its transaction; the API drops the entry when it arrives.
     await store_manifests(db_pool, {**image, "name": "after"}, revision=2)
 
     async def dropped():
-        return image["uuid"] not in store._live._data
+        return not store.holds(image["uuid"])
 
     await wait_until(dropped, timeout=5, message="the cached answer to be dropped")
     assert (await call(f"/my/images/{image['uuid']}")).json()["name"] == "after"
@@ -61,7 +67,7 @@ async def test_missing_id_is_cached_and_dropped_on_creation(call, app, db_pool):
     image = manifest(name="late")
     assert (await call(f"/my/images/{image['uuid']}")).status == 404
     store = app[IMAGE_STORE]
-    assert image["uuid"] in store._missing._data
+    assert store.holds_missing(image["uuid"])
 
     await store_manifests(db_pool, image)
 
@@ -83,6 +89,8 @@ async def test_lost_listener_flushes_every_cache(call, app, db_pool):
     keys = app[KEY_STORE]
     assert store.cached_images > 0
     assert keys._entries
+    cached_entry = _entry(store, image["uuid"])
+    assert cached_entry is not None
     reconnects = listener.reconnects
     image_generation, key_generation = store._generation, keys._generation
 
@@ -101,6 +109,7 @@ async def test_lost_listener_flushes_every_cache(call, app, db_pool):
     # cached before the drop is gone.
     assert store._generation >= image_generation + 2
     assert keys._generation >= key_generation + 2
-    assert image["uuid"] not in store._live._data
+    # The cache fills itself again after reconnecting, with entries read after the flush.
+    assert _entry(store, image["uuid"]) is not cached_entry
     answer = await call(f"/my/images/{image['uuid']}")
     assert answer.status == 200

@@ -24,9 +24,16 @@ async def _status(http, method: str, url: str, headers: dict[str, str] | None = 
         return response.status
 
 
+async def _ready(http, base: str) -> None:
+    # Ready once the cache has filled itself; an image stored after that is not cached.
+    async def ready():
+        return await _status(http, "GET", base + "/readyz") == 200
+
+    await wait_until(ready, message="the API to be ready")
+
+
 async def test_api_metrics_one_process(api_env, db_pool, accounts, http):
     image = manifest()
-    await store_manifests(db_pool, image)
     path = f"/my/images/{image['uuid']}"
     metrics_port = free_port()
     api = ServiceProcess("service", {**api_env, "METRICS_PORT": str(metrics_port), "DB_POOL_SIZE": "3"})
@@ -36,6 +43,8 @@ async def test_api_metrics_one_process(api_env, db_pool, accounts, http):
         await api.wait_for_events("api_started")
         # The cache is used only while the change listener is connected.
         await wait_for_value(http, metrics_url, "cloudapi_images_change_listener_connected", 1)
+        await _ready(http, base)
+        await store_manifests(db_pool, image)
 
         statuses = [await _status(http, "GET", base + "/--ping") for _ in range(3)]
         for _ in range(2):
@@ -55,7 +64,8 @@ async def test_api_metrics_one_process(api_env, db_pool, accounts, http):
     assert sample(samples, DURATIONS + "_bucket", route="GetImage", method="GET", status="200", le="+Inf") == 2
     assert sample(samples, "cloudapi_images_cache_lookups_total", result="miss") == 1
     assert sample(samples, "cloudapi_images_cache_lookups_total", result="hit") == 1
-    assert sample(samples, "cloudapi_images_cache_entries") == 1
+    # The image, and whatever the cache filled itself with from the test database.
+    assert sample(samples, "cloudapi_images_cache_entries") >= 1
     assert sample(samples, "cloudapi_images_db_pool_connections", state="max") == 3
     assert sample(samples, "cloudapi_images_db_pool_connections", state="open") >= 1
     assert sample(samples, "cloudapi_images_change_listener_reconnects_total") == 0
@@ -125,7 +135,7 @@ async def test_api_metrics_several_processes(api_env, db_pool, accounts, tmp_pat
     assert sample(samples, REQUESTS, route="GetImage", method="GET", status="200") == 4
     assert sample(samples, DURATIONS + "_count", route="Ping", method="GET", status="200") == 20
     assert sample(samples, "cloudapi_images_change_listener_connected") == 1
-    assert sample(samples, "cloudapi_images_cache_entries") in (1, 2)
+    assert sample(samples, "cloudapi_images_cache_entries") >= 1
     assert exit_code == 0
     assert list(metrics_dir.glob("*.db")), "the configured directory keeps its files for inspection"
 

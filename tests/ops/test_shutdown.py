@@ -39,7 +39,6 @@ def _alive(pid: int) -> bool:
 
 async def test_sigterm_drains_request_in_flight(api_env, settings, db_pool, accounts, http):
     image = manifest()
-    await store_manifests(db_pool, image)
     path = f"/my/images/{image['uuid']}"
     port = int(api_env["HTTP_PORT"])
     drain_timeout = float(api_env["HTTP_DRAIN_TIMEOUT"])
@@ -52,6 +51,14 @@ async def test_sigterm_drains_request_in_flight(api_env, settings, db_pool, acco
     in_flight = None
     try:
         await api.wait_for_events("api_started")
+
+        async def ready():
+            return (await _get(http, f"http://127.0.0.1:{port}/readyz"))[0] == 200
+
+        # Once the cache has filled itself, an image stored now is not in it, and the
+        # request for it queries Postgres.
+        await wait_until(ready, message="the API to be ready")
+        await store_manifests(db_pool, image)
         await lock.start()
         await locker.execute("LOCK TABLE images IN ACCESS EXCLUSIVE MODE")
         headers = {"Request-Id": "drain-test.1", "Accept-Version": "~9", **accounts["alice"].sign("GET", path)}
