@@ -8,7 +8,7 @@ from bench import config
 from bench.processes import BenchError, Process, ProcessGroup, children_of, require_free_port, wait_http
 
 # The service's defaults stay as they are (access log on, metrics on, JSON logs,
-# DB_POOL_SIZE 8, CACHE_MAX_IMAGES 20000); only the database and the ports change. The
+# DB_POOL_SIZE 8, CACHE_MAX_IMAGES 100000); only the database and the ports change. The
 # metrics port is the bench port plus 1000, so a service running on the default 9090
 # does not get in the way.
 KINDS = ("bare", "naive", "service")

@@ -216,7 +216,7 @@ class Settings:
         "WORKER_BATCH_SIZE", "256", _parse_int(1, 10000), "Most events applied in one transaction."
     )
     worker_batch_wait: float = _field(
-        "WORKER_BATCH_WAIT_MS", "10", _parse_float(0, 10000), "Milliseconds a worker waits to fill a batch."
+        "WORKER_BATCH_WAIT_MS", "3", _parse_float(0, 10000), "Milliseconds a worker waits to fill a batch."
     )
     worker_shutdown_timeout: float = _field(
         "WORKER_SHUTDOWN_TIMEOUT", "20", _parse_float(0, 3600), "Seconds a worker has to finish events in flight on SIGTERM."
