@@ -1,22 +1,23 @@
-"""GetImage answered below aiohttp's router and middleware: the service's hot path.
+"""The hot path: GetImage handled below aiohttp's router and middleware.
 
 Nearly every request the API gets is a GetImage signed by a CLI. aiohttp's Application
-adds a router lookup, a middleware chain and a copy of the request to each one, which
-costs about a quarter of what the bare stack can serve (docs/benchmarks.md). So the
-connection layer (`service.protocol`) offers every request to `HotPath` first, which
-answers it when it is an ordinary GetImage:
+adds a router lookup, a middleware chain and a copy of the request to each one. That
+costs about a quarter of the requests per second the bare stack serves
+(docs/benchmarks.md). So the connection layer (`service.protocol`) offers every request
+to `HotPath` first, which handles it when it is an ordinary GetImage:
 
 - GET or HEAD of `/LOGIN/images/ID`, without query, percent escapes, body or `Expect`;
 - with a version range and an Accept header the API can serve;
-- signed in the form the CLIs use (see `parse_client_form`), by an account the key cache holds.
+- signed in the form the CLIs use (see `parse_client_form`), by an account the key cache contains.
 
 Anything else goes unchanged to the application, whose pipeline (`service.http`)
-remains the reference. The decline happens before any work that shows: no signature
-has been checked and nothing logged yet. Once the signature is checked the hot path
-finishes the request itself, errors included, with the same functions as the pipeline
-(`verify`, `find_answer`, `error_for_exception`, `make_response`), so both give the same
-answers and log the same lines. tests/api/test_hot_path.py sends requests both ways
-and compares them.
+remains the reference. The hot path decides before any work a client could notice: no
+signature checked, nothing logged. From the signature check on, it finishes the request
+itself, errors included, with the same functions as the pipeline (`verify`,
+`find_answer`, `error_for_exception`). Its responses are written by
+`serialize_response`, with the header set of `make_response`, which skips aiohttp's
+header preparation. So both paths send the same responses and log the same lines;
+tests/api/test_hot_path.py sends requests both ways and compares them.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from service.http import (
     REQUEST_OBSERVER,
     ROUTE_SPECS,
     _accepts_json,
+    SerializedResponse,
+    content_md5,
     error_body,
     error_for_exception,
-    make_response,
     request_id_for,
+    serialize_response,
 )
 from service.routes import IMAGE_STORE, find_answer
 from service.versions import negotiate, rendering_for, requested_range
@@ -63,13 +66,13 @@ class HotPath:
         self._app = app
         self._fallback: Handler | None = None
         self._ready = False
-        # Requests answered here, and left to the application; for the tests.
+        # Requests handled here, and passed to the application; read by the tests.
         self.answered = 0
         self.declined = 0
 
     def handler(self, fallback: Handler) -> Handler:
-        """Return the connection layer's request handler, which leaves to `fallback`
-        (the application's own handler) what it does not answer."""
+        """Return the connection layer's request handler, which passes to `fallback`
+        (the application's own handler) every request it does not handle."""
         self._fallback = fallback
         return self
 
@@ -91,7 +94,7 @@ class HotPath:
         try:
             claim = self._claim(request)
         except Exception:
-            # Whatever went wrong, the pipeline meets it again and answers it.
+            # Whatever failed here fails again in the pipeline, which responds to it.
             claim = None
         if claim is None:
             self.declined += 1
@@ -100,7 +103,7 @@ class HotPath:
         version, credentials, account, key_reference, login_in_path, image_id = claim
         method = request.method
 
-        # From here on the request is answered here, whatever happens.
+        # From here on this method responds itself: every Exception becomes an error response.
         request_id = request_id_for(request)
         bind_contextvars(request_id=request_id)
         login = error = extra = None
@@ -119,16 +122,31 @@ class HotPath:
             status, body, md5, extra = error.status, error_body(error), None, error.headers
         finally:
             clear_contextvars()
-        response = make_response(
-            status, body, md5, request_id=request_id, api_version=version, spec=self._spec, started=started, extra=extra
+        version_info = request.version
+        response = SerializedResponse(
+            status,
+            serialize_response(
+                status,
+                body,
+                md5 if md5 is not None else content_md5(body),
+                head=method == hdrs.METH_HEAD,
+                http_version=f"{version_info.major}.{version_info.minor}",
+                keep_alive=request.keep_alive,
+                request_id=request_id,
+                api_version=version,
+                spec=self._spec,
+                started=started,
+                extra=extra,
+            ),
+            keep_alive=request.keep_alive,
         )
         if self._observer is not None:
             self._observer(method, self._spec, status, time.monotonic() - started, error, request_id, login)
         return response
 
     def _claim(self, request: web.BaseRequest) -> tuple | None:
-        """Return what the hot path needs to answer `request`, or None to leave it to
-        the application. Checks nothing that shows: no signature, no log line."""
+        """Return what the hot path needs to handle `request`, or None to pass it to
+        the application. Checks no signature and logs nothing."""
         if request.method not in _METHODS or (not self._ready and not self._bind()):
             return None
         path = request.raw_path
@@ -145,6 +163,7 @@ class HotPath:
             or request.body_exists
         ):
             return None
+
         headers = request.headers
         version = negotiate(requested_range(headers))
         accept = headers.get(hdrs.ACCEPT)
@@ -154,6 +173,7 @@ class HotPath:
             or hdrs.EXPECT in headers
         ):
             return None
+
         credentials = parse_client_form(
             headers.get(hdrs.AUTHORIZATION, ""), auth_stage.request_view(request), time.time()
         )

@@ -6,9 +6,9 @@ The cache keeps, per image and rendering (API version class), one bytes object, 
     flags (1) | MD5 of the body (16) | owner (4) | [acl size (2) | acl members (4 each)] | body
 
 Owner and acl members are numbers from a table of the names seen (`_Names`): the same
-few owners come back in thousands of images. The body is the JSON answer compressed
-with raw deflate and a preset dictionary of real answers
-(`service/compression-sample.jsonl`), which takes a 500-byte answer to about 150 bytes
+few owners come back in thousands of images. The body is the JSON response compressed
+with zstd and a dictionary of responses of the read model itself (before the first fill,
+of `service/compression-sample.jsonl`). That takes a 500-byte body to about 150 bytes,
 and back in about 2 microseconds. An entry and its key take about 350 bytes, so an API
 process holds 100,000 images in about 35 MB (docs/benchmarks.md).
 
@@ -26,12 +26,12 @@ import base64
 import collections
 import ctypes
 import hashlib
-import zlib
 from importlib import resources
 
 import asyncpg
 import orjson
 import structlog
+import zstandard
 
 from service import db
 from service.errors import DatabaseUnavailable
@@ -49,16 +49,32 @@ _ACTIVATED_STATES = frozenset({"active", "disabled"})
 _PUBLIC = 1
 _ACTIVATED = 2
 _HAS_ACL = 4
-_DEFLATED = 8  # the body is compressed (entries made only to answer one request are not)
+_COMPRESSED = 8  # the body is compressed (entries made for one request while the cache is off are not)
 
 _HEADER = 21  # flags, MD5 and owner
 _NO_NAME = 0  # the owner number of an image without an owner
 
-# Preset dictionaries of raw deflate: up to 16 KiB of text like what is compressed, the
-# most common at the end. Until the cache first fills itself, a sample of real answers;
-# then answers of the read model itself (`_learn_dictionary`).
+# Compression dictionaries: up to 16 KiB of text like what is compressed. Until the
+# cache first fills itself, a sample of real answers; then answers of the read model
+# itself (`_learn_dictionary`).
 _SAMPLE_DICTIONARY = resources.files("service").joinpath("compression-sample.jsonl").read_bytes()
 _DICTIONARY_SIZE = 16384
+_COMPRESSION_LEVEL = 9  # 12 us per answer here, and within 5 % of the smallest output
+
+
+class Codec:
+    """Compresses and decompresses entry bodies with one dictionary (zstd).
+
+    Its objects are reused for every body, so a decompression costs no set-up: about
+    1.7 us for a 500-byte answer. Use it on the event loop's thread only.
+    """
+
+    def __init__(self, dictionary: bytes):
+        data = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        self.compress = zstandard.ZstdCompressor(
+            level=_COMPRESSION_LEVEL, dict_data=data, write_checksum=False, write_dict_id=False
+        ).compress
+        self.decompress = zstandard.ZstdDecompressor(dict_data=data).decompress
 
 WARM_PAGE = 250  # images per query while the cache fills itself
 _NO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -88,15 +104,16 @@ class _Names:
         return self._numbers.get(name)
 
 
-def pack(row, rendering: Rendering, names: _Names, dictionary: bytes | None) -> bytes:
+def pack(row, rendering: Rendering, names: _Names, codec: Codec | None) -> bytes:
     """Return the entry of the read model row `row` rendered for `rendering`, its body
-    compressed with `dictionary` unless that is None."""
-    return pack_body(row, render(orjson.loads(row["manifest"]), rendering), names, dictionary)
+    compressed by `codec` unless that is None."""
+    return pack_body(row, render(orjson.loads(row["manifest"]), rendering), names, codec)
 
 
-def pack_body(row, body: bytes, names: _Names, dictionary: bytes | None) -> bytes:
-    deflate = dictionary is not None
-    flags = _DEFLATED if deflate else 0
+def pack_body(row, body: bytes, names: _Names, codec: Codec | None) -> bytes:
+    """Return the entry of the read model row `row` whose rendered body is `body`."""
+    compress = codec is not None
+    flags = _COMPRESSED if compress else 0
     if row["public"]:
         flags |= _PUBLIC
     if row["state"] in _ACTIVATED_STATES:
@@ -110,12 +127,7 @@ def pack_body(row, body: bytes, names: _Names, dictionary: bytes | None) -> byte
         parts.append(len(members).to_bytes(2, "little"))
         parts.extend(members)
     parts[0] = bytes((flags,))
-    if deflate:
-        compressor = zlib.compressobj(6, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
-        parts.append(compressor.compress(body))
-        parts.append(compressor.flush())
-    else:
-        parts.append(body)
+    parts.append(codec.compress(body) if compress else body)
     return b"".join(parts)
 
 
@@ -152,8 +164,10 @@ class ImageStore(Subscriber):
         self._query_timeout = query_timeout
         self.max_size = cache_size
         self._names = _Names()
-        self._dictionary = _SAMPLE_DICTIONARY[-_DICTIONARY_SIZE:]
-        self._dictionary_learned = False
+        self._codec = Codec(_SAMPLE_DICTIONARY[-_DICTIONARY_SIZE:])
+        # The dictionary may change only while no compressed entry exists anywhere, not
+        # even in a request that has yet to decompress it.
+        self._dictionary_fixed = False
         # One table per rendering, and per rendering the order in which keys went in
         # (oldest first), for eviction. A key dropped by a notification stays in the
         # order until it comes up; `_evict` skips it then.
@@ -219,21 +233,20 @@ class ImageStore(Subscriber):
         return self._size + len(self._missing)
 
     def holds(self, uuid: str) -> bool:
-        """Return True when the cache holds an answer for the image `uuid`."""
+        """Return True when the cache contains an entry for the image `uuid`."""
         key = image_key(uuid)
         return any(key in entries for entries in self._entries)
 
     def holds_missing(self, uuid: str) -> bool:
-        """Return True when the cache holds `uuid` as an id without a live image."""
+        """Return True when the cache contains `uuid` as an id without a live image."""
         return image_key(uuid) in self._missing
 
     def answer(self, entry: bytes) -> tuple[bytes, str]:
         """Return the JSON body of `entry` and its base64 MD5 (the Content-MD5 header)."""
-        body = memoryview(entry)[_body_start(entry) :]
-        if entry[0] & _DEFLATED:
-            body = zlib.decompressobj(-15, self._dictionary).decompress(body)
+        if entry[0] & _COMPRESSED:
+            body = self._codec.decompress(memoryview(entry)[_body_start(entry) :])
         else:
-            body = bytes(body)
+            body = entry[_body_start(entry) :]
         return body, base64.b64encode(entry[1:17]).decode("ascii")
 
     def visible_to(self, entry: bytes, account_uuid: str | None) -> bool:
@@ -262,7 +275,7 @@ class ImageStore(Subscriber):
         does not exist or was deleted. `answer()` and `visible_to()` read the entry."""
         if not self._enabled:
             self.misses += 1
-            return await self._fetch(uuid, rendering, deflate=False)
+            return await self._fetch(uuid, rendering, compress=False)
         key = image_key(uuid)
         found = self._entries[rendering].get(key)
         if found is not None:
@@ -290,7 +303,7 @@ class ImageStore(Subscriber):
         self._loading[key] = future
         generation = self._generation
         try:
-            entry = await self._fetch(uuid, rendering, deflate=True)
+            entry = await self._fetch(uuid, rendering, compress=True)
         except BaseException as exc:
             if self._loading.get(key) is future:
                 del self._loading[key]
@@ -345,7 +358,7 @@ class ImageStore(Subscriber):
             # Dicts keep insertion order: the first key is the oldest.
             del missing[next(iter(missing))]
 
-    async def _fetch(self, uuid: str, rendering: Rendering, *, deflate: bool) -> bytes | None:
+    async def _fetch(self, uuid: str, rendering: Rendering, *, compress: bool) -> bytes | None:
         try:
             async with asyncio.timeout(self._query_timeout):
                 async with self._gate, self._pool.acquire() as connection:
@@ -356,7 +369,9 @@ class ImageStore(Subscriber):
             raise
         if row is None or row["deleted"]:
             return None
-        return pack(row, rendering, self._names, self._dictionary if deflate else None)
+        if compress:
+            self._dictionary_fixed = True
+        return pack(row, rendering, self._names, self._codec if compress else None)
 
     async def warm(self, rendering: Rendering = Rendering.V8) -> None:
         """Fill the cache with live images for `rendering` (what current clients ask
@@ -379,15 +394,14 @@ class ImageStore(Subscriber):
                     return
                 entries = self._entries[rendering]
                 bodies = [render(orjson.loads(row["manifest"]), rendering) for row in rows]
-                if not self._dictionary_learned and self._size == 0 and not self._loading and len(bodies) >= 16:
-                    # Nothing compressed is cached or being loaded, so the dictionary may
-                    # still change.
+                if not self._dictionary_fixed and len(bodies) >= 16:
                     self._learn_dictionary(bodies)
                 for row, body in zip(rows, bodies):
                     key = image_key(row["uuid"])
                     if key in entries or key in changed or key in self._loading:
                         continue
-                    self._put(rendering, key, pack_body(row, body, self._names, self._dictionary))
+                    self._put(rendering, key, pack_body(row, body, self._names, self._codec))
+                    self._dictionary_fixed = True
                     loaded += 1
                 if len(rows) < limit:
                     break
@@ -405,8 +419,8 @@ class ImageStore(Subscriber):
         """Make the compression dictionary out of answers of this read model: they share
         more with each other (owners, descriptions, home pages) than with the sample."""
         step = max(1, len(bodies) // 64)
-        self._dictionary = b"".join(bodies[::step])[-_DICTIONARY_SIZE:]
-        self._dictionary_learned = True
+        self._codec = Codec(b"".join(bodies[::step])[-_DICTIONARY_SIZE:])
+        self._dictionary_fixed = True
 
     async def ping(self, timeout: float) -> None:
         """Run a trivial query; raise DatabaseUnavailable when Postgres does not answer."""
