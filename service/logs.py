@@ -104,7 +104,8 @@ class _BufferedLogger:
         self._write = writer.write_line
 
     def msg(self, message: bytes) -> None:
-        self._write(message)
+        # An exact-size copy, as in line_writer(): orjson's bytes keep its buffer's size.
+        self._write(bytes(memoryview(message)))
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
@@ -130,7 +131,10 @@ def line_writer(logger_name: str):
     def write_line(fields: dict) -> None:
         stamp(None, None, fields)
         fields["logger"] = logger_name
-        write(_orjson_dumps(fields))
+        # orjson's bytes keep the capacity of its output buffer (several KiB for a line
+        # of 250 bytes); a copy of the exact size keeps 100 ms of lines from holding
+        # megabytes until they are written.
+        write(bytes(memoryview(_orjson_dumps(fields))))
 
     return write_line
 
