@@ -14,6 +14,7 @@ SELECT 1;
 -- A page of live images to fill an API process's cache at start, in UUID order after $1.
 SELECT uuid::text AS uuid, owner, public, state, acl, manifest::text AS manifest
 FROM images
-WHERE NOT deleted AND uuid > $1::uuid
-ORDER BY uuid
+WHERE NOT deleted AND images.uuid > $1::uuid
+-- images.uuid, not the text column of the same name above: that one has no index.
+ORDER BY images.uuid
 LIMIT $2;

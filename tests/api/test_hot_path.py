@@ -13,8 +13,9 @@ from yarl import URL
 
 from service.hotpath import HOT_PATH
 from tests.api.test_get_image import assert_full_headers
-from tests.helpers import PUB, PUB_UUID, new_uuid
+from tests.helpers import BOB_UUID, PUB, PUB_UUID, manifest, new_uuid
 
+HIDDEN = manifest(owner=BOB_UUID, public=False)
 _PER_REQUEST = {"request-id", "x-request-id", "response-time", "x-response-time", "date"}
 _CLIENT_FORM = re.compile(r'Signature keyId="([^"]*)",algorithm="([^"]*)",headers="([^"]*)",signature="([^"]*)"')
 
@@ -23,7 +24,7 @@ _CLIENT_FORM = re.compile(r'Signature keyId="([^"]*)",algorithm="([^"]*)",header
 async def _images(db_pool):
     from tests.conftest import store_manifests
 
-    await store_manifests(db_pool, PUB)
+    await store_manifests(db_pool, PUB, HIDDEN)
 
 
 def _reordered(authorization: str) -> str:
@@ -69,6 +70,8 @@ CASES = {
     "found by login": ("alice", "GET", f"/alice/images/{PUB_UUID}", {}),
     "version 7": ("alice", "GET", f"/my/images/{PUB_UUID}", {"Accept-Version": "~7"}),
     "missing": ("alice", "GET", f"/my/images/{new_uuid()}", {}),
+    "hidden": ("alice", "GET", f"/my/images/{HIDDEN['uuid']}", {}),
+    "own private": ("bob", "GET", f"/my/images/{HIDDEN['uuid']}", {}),
     "malformed id": ("alice", "GET", "/my/images/not-a-uuid", {}),
     "another login": ("alice", "GET", f"/bob/images/{PUB_UUID}", {}),
     "disabled account": ("dave", "GET", f"/my/images/{PUB_UUID}", {}),
