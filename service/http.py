@@ -60,7 +60,7 @@ _JSON = "application/json"
 _ACCEPTABLE = frozenset({"application/json", "application/*", "*/*"})
 
 Stage = Callable[[web.Request], Awaitable[None] | None]
-# Called once per answered request: method, route, status, seconds, the error if any,
+# Called once per request after its response is built: method, route, status, seconds, the error if any,
 # request id and the caller's login if known. The access log and the metrics.
 RequestObserver = Callable[[str, "RouteSpec", int, float, "CloudApiError | None", str, "str | None"], None]
 
@@ -295,7 +295,7 @@ def serialize_response(
     as aiohttp would write them (`head`: without the body, for HEAD).
 
     Every value comes from this service: request ids pass `_REQUEST_ID` or are made
-    here, and `extra` holds fixed strings. So none needs aiohttp's check for control
+    here, and `extra` contains fixed strings. So none needs aiohttp's check for control
     characters.
     """
     elapsed = int((time.monotonic() - started) * 1000)
@@ -429,7 +429,7 @@ async def _serve_request(request: web.Request, handler, started: float) -> web.S
 
 
 def error_for_exception(request: web.BaseRequest, exc: Exception) -> CloudApiError:
-    """Return the CloudAPI error that answers `exc`; what the client is not told is logged."""
+    """Return the CloudAPI error for `exc`, and log the details the response leaves out."""
     if isinstance(exc, CloudApiError):
         return exc
     if isinstance(exc, DatabaseUnavailable):
@@ -455,8 +455,8 @@ def finish(
     error: CloudApiError | None,
     observer: RequestObserver | None,
 ) -> web.StreamResponse:
-    """Answer `error` if there is one, then hand the request to `observer` (the access
-    log and metrics)."""
+    """Build the response to `error` if there is one, then pass the request to `observer`
+    (the access log and metrics)."""
     if error is not None:
         response = build_response(request, status=error.status, body=error_body(error), extra=error.headers)
     if observer is not None:

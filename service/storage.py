@@ -55,11 +55,11 @@ _HEADER = 21  # flags, MD5 and owner
 _NO_NAME = 0  # the owner number of an image without an owner
 
 # Compression dictionaries: up to 16 KiB of text like what is compressed. Until the
-# cache first fills itself, a sample of real answers; then answers of the read model
+# cache first fills itself, a sample of real responses; then responses of the read model
 # itself (`_learn_dictionary`).
 _SAMPLE_DICTIONARY = resources.files("service").joinpath("compression-sample.jsonl").read_bytes()
 _DICTIONARY_SIZE = 16384
-_COMPRESSION_LEVEL = 9  # 12 us per answer here, and within 5 % of the smallest output
+_COMPRESSION_LEVEL = 9  # 12 us per body here, and within 5 % of the smallest output
 
 
 class Codec:
@@ -416,7 +416,7 @@ class ImageStore(Subscriber):
             self._first_warm_done = True
 
     def _learn_dictionary(self, bodies: list[bytes]) -> None:
-        """Make the compression dictionary out of answers of this read model: they share
+        """Make the compression dictionary out of responses of this read model: they share
         more with each other (owners, descriptions, home pages) than with the sample."""
         step = max(1, len(bodies) // 64)
         self._codec = Codec(b"".join(bodies[::step])[-_DICTIONARY_SIZE:])

@@ -1,9 +1,9 @@
-"""The hot path (service.hotpath) answers exactly as the pipeline does.
+"""The hot path (service.hotpath) responds exactly as the pipeline does.
 
 Every case is sent twice with the same signature: once in the form the CLIs use, which
-the hot path answers, and once with the Authorization parameters in another order, which
-it leaves to the application and its pipeline. The two answers must be the same but for
-the headers that differ on every request.
+the hot path handles, and once with the Authorization parameters in another order, which
+it passes to the application and its pipeline. The two responses must be the same but
+for the headers that differ on every request.
 """
 
 import re
@@ -39,8 +39,8 @@ async def _send(http, api, method, path, headers):
 
 
 async def _both_ways(http, api, api_server, method, path, headers):
-    """Send `headers` as they are, then reordered; return both answers, checking which
-    path answered each."""
+    """Send `headers` as they are, then reordered; return both responses, checking which
+    path handled each."""
     hot_path = api_server.app[HOT_PATH]
     answered, declined = hot_path.answered, hot_path.declined
     hot = await _send(http, api, method, path, headers)
@@ -53,8 +53,8 @@ async def _both_ways(http, api, api_server, method, path, headers):
 
 def _comparable(answer):
     status, headers, body = answer
-    kept = sorted((name.lower(), value) for name, value in headers.items() if name.lower() not in _PER_REQUEST)
-    return status, kept, body
+    compared = sorted((name.lower(), value) for name, value in headers.items() if name.lower() not in _PER_REQUEST)
+    return status, compared, body
 
 
 def _tampered(headers):
@@ -80,10 +80,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 async def test_same_answer_both_ways(http, api, api_server, accounts, case):
-    who, method, path, extra = CASES[case]
+    login, method, path, extra = CASES[case]
     # The first request of an account fills the key cache; the hot path needs it filled.
-    await _send(http, api, "GET", path, {**extra, **accounts[who].sign("GET", path)})
-    headers = {"Accept": "application/json", **extra, **accounts[who].sign(method, path)}
+    await _send(http, api, "GET", path, {**extra, **accounts[login].sign("GET", path)})
+    headers = {"Accept": "application/json", **extra, **accounts[login].sign(method, path)}
 
     hot, piped = await _both_ways(http, api, api_server, method, path, headers)
 
