@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 # Key types accepted for registration, by their OpenSSH name.
 _KEY_TYPES = {
@@ -75,7 +75,13 @@ class PublicKey:
 def _der_ecdsa_signature(key: ec.EllipticCurvePublicKey, signature: bytes) -> bytes:
     """Return `signature` as DER; a raw r||s pair of the curve's size is converted."""
     size = (key.curve.key_size + 7) // 8
-    if len(signature) == 2 * size and signature[:1] != b"\x30":
+    if len(signature) != 2 * size:
+        return signature
+    # A raw pair starts with 0x30, DER's first byte, once in 256 signatures: only a
+    # well-formed DER sequence counts as DER.
+    try:
+        decode_dss_signature(signature)
+    except ValueError:
         r = int.from_bytes(signature[:size], "big")
         s = int.from_bytes(signature[size:], "big")
         return encode_dss_signature(r, s)

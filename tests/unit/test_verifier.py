@@ -1,4 +1,4 @@
-"""The signature verifier thread of service.auth.verifier."""
+"""The signature verifier thread of service.auth.verifier, and the signature forms it checks."""
 
 import asyncio
 
@@ -53,3 +53,21 @@ async def test_checks_after_close_run_in_place():
 
     assert not verifier._thread.is_alive()
     assert await asyncio.wait_for(verifier.verify(key, algorithm, signature, data), timeout=20) is valid
+
+
+def test_raw_ecdsa_signature_starting_like_der():
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    public_key = _public(private_key)
+    # Sign until r starts with 0x30, DER's first byte (about one signature in 256).
+    for attempt in range(5000):
+        data = f"date: attempt {attempt}".encode()
+        r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hashes.SHA256())))
+        raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        if raw[0] == 0x30:
+            break
+
+    assert raw[0] == 0x30
+    assert public_key.verify("ecdsa-sha256", raw, data)
