@@ -131,9 +131,8 @@ def line_writer(logger_name: str):
     def write_line(fields: dict) -> None:
         stamp(None, None, fields)
         fields["logger"] = logger_name
-        # orjson's bytes keep the capacity of its output buffer (several KiB for a line
-        # of 250 bytes); a copy of the exact size keeps 100 ms of lines from holding
-        # megabytes until they are written.
+        # orjson's bytes keep the capacity of its output buffer, several KiB for a
+        # 250-byte line. An exact-size copy keeps 100 ms of lines from using megabytes.
         write(bytes(memoryview(_orjson_dumps(fields))))
 
     return write_line

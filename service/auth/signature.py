@@ -251,8 +251,11 @@ _CLIENT_HEADER_LISTS = frozenset({"(request-target) date", "date (request-target
 
 
 def parse_client_form(value: str, view: RequestView, now: float) -> Credentials | None:
-    """Parse a header in the clients' form; return None for any other header, or when
-    the Date is missing, unreadable or too far off (the general parsers name the error)."""
+    """Parse an Authorization header in the clients' form into Credentials.
+
+    Return None for any other header, and when the Date is missing, unreadable or too
+    far off, so that the general parsers run and name the error.
+    """
     match = _CLIENT_FORM.fullmatch(value)
     if match is None:
         return None

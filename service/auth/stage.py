@@ -111,14 +111,17 @@ async def authenticate(request: web.Request) -> None:
 async def verify(
     credentials: Credentials, account: Account | None, key_reference: str, verifier: SignatureVerifier | None
 ) -> Caller:
-    """Check `credentials` against the key `key_reference` of `account` (None: no such
-    account), on `verifier`'s thread when there is one; return the caller, or raise
-    InvalidCredentials or NotAuthorized."""
+    """Check `credentials` against the key `key_reference` of `account` and return the
+    caller, or raise InvalidCredentials or NotAuthorized.
+
+    `account` is None when no such account exists. The check runs on `verifier`'s thread
+    when there is one.
+    """
     key = account.find_key(key_reference) if account is not None else None
     signature = _decode_signature(credentials.signature)
 
     # Without a key or a readable signature, a stand-in key checks the request anyway,
-    # so the answer takes as long as for a wrong signature.
+    # so the response takes as long as for a wrong signature.
     genuine = key is not None and signature is not None
     checked_key = key if genuine else _stand_in(credentials.algorithm)
     checked_signature = signature if genuine else signature or b"\0" * 64

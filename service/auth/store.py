@@ -116,8 +116,8 @@ class KeyStore(Subscriber):
         self._enabled = enabled
 
     def cached(self, reference: str) -> Account | _Unknown | None:
-        """Return what the cache holds for `reference`: the account, UNKNOWN, or None when
-        it holds nothing (or is off) and `find()` must ask Postgres."""
+        """Return the cached entry for `reference`: the account or UNKNOWN. Return None
+        when the cache has no entry (or is off), so `find()` must query Postgres."""
         if not self._enabled:
             return None
         return self._entries.get(reference)

@@ -1,11 +1,11 @@
 """Signature checks on a thread of their own, handed over in batches.
 
 An RSA-2048 check takes about 20 microseconds in a tight loop. On the event loop's
-thread of a busy API process it cost about 45 microseconds of each request's time
-(measured against a process with the check switched off; docs/benchmarks.md), most likely because
-the rest of the request evicts OpenSSL's code and data from the CPU caches. OpenSSL
-releases the GIL while it checks, so the checks can run on another core while the
-event loop serves other requests.
+thread of a busy API process it cost about 45 microseconds of each request's time,
+measured against a process with the check switched off (docs/benchmarks.md). The
+likely cause is that the rest of the request evicts OpenSSL's code and data from the
+CPU caches. OpenSSL releases the GIL while it checks, so the checks can run on another
+core while the event loop serves other requests.
 
 The event loop puts each check on a queue and awaits a future. The thread takes
 everything queued, checks it, and hands all the results back in one callback, so a
