@@ -46,12 +46,12 @@ class Profile:
     @classmethod
     def full(cls) -> Profile:
         return cls("full", warmup_seconds=3, http_seconds=10, freshness_seconds=30, freshness_rate=1000,
-                   freshness_sample_every=10, worker_events=100_000)
+                   freshness_sample_every=20, worker_events=100_000)
 
     @classmethod
     def quick(cls) -> Profile:
         return cls("quick", warmup_seconds=1, http_seconds=3, freshness_seconds=8, freshness_rate=1000,
-                   freshness_sample_every=10, worker_events=10_000)
+                   freshness_sample_every=20, worker_events=10_000)
 
 
 def database_url() -> str:

@@ -3,10 +3,12 @@
     python -m bench.freshness_agents publish PLAN.json
     python -m bench.freshness_agents poll PLAN.json
 
-`publish` sends the events of the plan with the service's producer
-(`workers.producer.EventPublisher`: publisher confirms, each event checked against the
-contract). Event k goes at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when
-it is sent. The agent records when it called publish() and when the confirm came back.
+`publish` sends the events of the plan, which the orchestrator encoded and checked
+against the contract before the run, the way the service's producer does
+(`workers.producer.EventPublisher`: persistent, mandatory, on a channel with publisher
+confirms).
+Event k goes at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when it is
+sent. The agent records when it sent each event and when the confirm came back.
 
 `poll` watches the sampled images. From the time an event is due, it sends signed
 GetImage requests for its image until the response shows the event's marker. It waits
@@ -23,19 +25,36 @@ import sys
 import time
 from datetime import UTC, datetime
 
+import aio_pika
 import aiohttp
 import orjson
 import uvloop
+from aiormq import spec
 
 from service.settings import Settings
-from workers.producer import EventPublisher
+from workers import topology
+
+
+# The `time` of every event in the plan's file, of the contract's shape: the agent puts
+# the real time in its place when it sends the event.
+TIME_PLACEHOLDER = "2000-01-01T00:00:00.000Z"
+
+
+def _split(line: bytes) -> tuple[bytes, bytes, str, str]:
+    """Return (body before the time, body after it, event id, type) of one event line."""
+    event = orjson.loads(line)
+    head, found, tail = line.rstrip(b"\n").partition(orjson.dumps(TIME_PLACEHOLDER))
+    if not found:
+        raise ValueError(f"invalid events file: event {event['event_id']} lacks the time {TIME_PLACEHOLDER}; "
+                         "bench/run writes the file with it")
+    return head + b'"', b'"' + tail, str(event["event_id"]), str(event["type"])
 
 
 async def publish(plan: dict) -> dict:
     settings = Settings.from_env({}, amqp_url=plan["amqp_url"], amqp_exchange=plan["exchange"],
                                  amqp_queue=plan["queue"])
     with open(plan["events_path"], "rb") as handle:
-        events = [orjson.loads(line) for line in handle]
+        events = [_split(line) for line in handle]
     rate = plan["rate"]
     t0 = plan["t0"]
     sample_every = plan["sample_every"]
@@ -43,13 +62,27 @@ async def publish(plan: dict) -> dict:
     confirmed = [0.0] * len(events)
     failures: list[str] = []
 
-    async with EventPublisher.connect(settings) as publisher:
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    try:
+        # The channel, topology and message properties of workers.producer.EventPublisher,
+        # without its per-event contract check, which the orchestrator ran before the run.
+        confirming = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await topology.declare(confirming, settings)
+        channel = await confirming.get_underlay_channel()
+
         async def send(index: int) -> None:
             called[index] = time.monotonic()
-            event = events[index]
-            event["time"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            head, tail, event_id, event_type = events[index]
+            now = datetime.now(UTC)
+            body = head + now.isoformat(timespec="milliseconds").replace("+00:00", "Z").encode() + tail
+            properties = spec.Basic.Properties(content_type="application/json", delivery_mode=2,
+                                               message_id=event_id, message_type=event_type, timestamp=now)
             try:
-                await publisher.publish(event)
+                confirmation = await channel.basic_publish(body, exchange=settings.amqp_exchange,
+                                                           routing_key=event_type, properties=properties,
+                                                           mandatory=True)
+                if type(confirmation).__name__ != "Ack":
+                    failures.append(f"event {index}: {type(confirmation).__name__}")
             except Exception as exc:  # noqa: BLE001 (reported in the result, the run goes on)
                 failures.append(f"event {index}: {exc!r}")
             confirmed[index] = time.monotonic()
@@ -65,6 +98,8 @@ async def publish(plan: dict) -> dict:
             next_due = t0 + sent / rate
             await asyncio.sleep(max(0.0005, next_due - time.monotonic()))
         await asyncio.gather(*tasks)
+    finally:
+        await connection.close()
 
     lags = sorted(called[k] - (t0 + k / rate) for k in range(len(events)))
     return {

@@ -7,13 +7,14 @@ Per repetition, with one API process (the service's defaults) and one worker
   changes the fraction); bench/requests.lua keeps the rate with a fixed schedule
   (BENCH_RATE), since wrk2 is not packaged in Debian;
 - the publisher agent publishes `image.updated` events at 1,000 per second, each on its
-  own image, with a new marker in the manifest's tags;
-- the poller agent watches every 10th event's image with signed GetImage requests (as
+  own image, with a new marker in the manifest's tags. The events are encoded and
+  checked against the contract before the run, so the agent only sends them;
+- the poller agent watches every 20th event's image with signed GetImage requests (as
   bench01, which may see every image used) and records the first answer showing the
   marker. Its requests come on top of wrk's, and the table shows their rate.
 The worker's own lag (its log's `lag_ms`: commit time minus the event's time) splits the
 delay into the worker's share and the API's.
-Freshness is that answer's arrival time minus the time publish() was called, so it
+Freshness is that answer's arrival time minus the time the publisher sent the event, so it
 includes the time the answer took; it is an upper bound, at most one poll interval
 (10 ms at first, then 10 % of the time waited) late.
 """
@@ -33,8 +34,11 @@ import orjson
 
 from bench import config, dataset, servers, signing, wrk
 from bench.context import Context
+from bench.freshness_agents import TIME_PLACEHOLDER
 from bench.processes import BenchError, ProcessGroup, wait_http
 from service.auth.client import sign_headers
+from service.settings import Settings
+from workers.contract import decode
 from workers.producer import image_event
 
 POLLER_ACCOUNT = 0  # bench01
@@ -68,6 +72,18 @@ async def _events(ctx: Context, count: int, token: str) -> list[dict]:
         manifest["tags"] = {**(manifest.get("tags") or {}), "bench_seq": f"{token}-{index}"}
         events.append(image_event("image.updated", manifest, revision=row["revision"] + 1))
     return events
+
+
+def _encoded(events: list[dict]) -> list[bytes]:
+    """Encode each event with the placeholder time the publisher replaces, and check it
+    against the contract now, so the publisher does neither during the run."""
+    max_bytes = Settings.from_env({}).event_max_bytes
+    lines = []
+    for event in events:
+        line = orjson.dumps({**event, "time": TIME_PLACEHOLDER})
+        decode(line, max_bytes=max_bytes)
+        lines.append(line)
+    return lines
 
 
 def _poll_samples(ctx: Context, events: list[dict], every: int, rate: float) -> list[dict]:
@@ -113,7 +129,7 @@ def _run_once(ctx: Context, rep: int, load_rate: float) -> dict:
     events = asyncio.run(_events(ctx, count, token))
     events_path = config.STATE_DIR / "freshness" / f"events-{rep}.jsonl"
     events_path.parent.mkdir(parents=True, exist_ok=True)
-    events_path.write_bytes(b"".join(orjson.dumps(event) + b"\n" for event in events))
+    events_path.write_bytes(b"".join(line + b"\n" for line in _encoded(events)))
     load_seconds = START_DELAY + profile.freshness_seconds + 6
     load_file = signing.generate(ctx.accounts, ctx.visible, int(load_rate * (load_seconds + profile.warmup_seconds) * 1.3) + 2000,
                                  f"fresh-load-{rep}", ctx.next_seed())
