@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="short runs (3 s HTTP, 8 s freshness, 10,000 worker events) and 1 repetition")
     parser.add_argument("--runs", type=int, help="repetitions of every measurement (default 3, or 1 with --quick)")
-    parser.add_argument("--processes", default="1,2", help="API process counts of the HTTP part (default 1,2)")
+    parser.add_argument("--processes", default=(1, 2), type=_process_counts,
+                        help="API process counts of the HTTP part, comma-separated (default 1,2)")
     parser.add_argument("--port", type=int, default=18080, help="port of the servers under test (default 18080)")
     parser.add_argument("--worker-port", type=int, default=18091,
                         help="first health port of the workers (default 18091; two workers use it and the next)")
@@ -39,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="HTTP load of the freshness part, as a fraction of the service's 1-process peak (default 0.5)")
     parser.add_argument("--reset-data", action="store_true", help="reload the 100,000 images of the bench database")
     return parser
+
+
+def _process_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid process counts {text!r}: expected numbers such as 1,2") from None
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"invalid process counts {text!r}: each must be at least 1")
+    return counts
 
 
 def _machine() -> str:
@@ -58,7 +69,9 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     profile = config.Profile.quick() if args.quick else config.Profile.full()
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs
+    if runs is None:
+        runs = 1 if args.quick else 3
     if runs < 1:
         print("bench/run: --runs must be at least 1", file=sys.stderr)
         return 2
@@ -76,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(profile=profile, runs=runs, port=args.port, worker_port=args.worker_port, accounts=accounts,
                       visible=dataset.visibility(), results=results, unique_baselines=args.unique_baselines,
                       freshness_load=args.freshness_load,
-                      process_counts=tuple(int(p) for p in args.processes.split(",")))
+                      process_counts=args.processes)
         asyncio.run(dataset.vacuum())
         try:
             _run_parts(ctx, parts)

@@ -14,9 +14,10 @@ Per repetition, with one API process (the service's defaults) and one worker
   marker. Its requests come on top of wrk's, and the table shows their rate.
 The worker's own lag (its log's `lag_ms`: commit time minus the event's time) splits the
 delay into the worker's share and the API's.
-Freshness is that answer's arrival time minus the time the publisher sent the event, so it
-includes the time the answer took; it is an upper bound, at most one poll interval
-(10 ms at first, then 10 % of the time waited) late.
+Freshness is that response's arrival time minus the time the publisher sent the event,
+so it includes the time the response took. It is an upper bound, late by at most the time from
+the last poll that did not show the marker to the arrival of the one that did (the
+progress line's "poll resolution").
 """
 
 from __future__ import annotations
