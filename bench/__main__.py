@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _process_counts(text: str) -> tuple[int, ...]:
+    """Parse the comma-separated process counts of --processes, such as "1,2"."""
     try:
         counts = tuple(int(part) for part in text.split(","))
     except ValueError:

@@ -34,8 +34,8 @@ def test_sent_body_is_event_with_time():
 
 
 def test_encoded_events_carry_placeholder():
-    lines = _encoded(_events(3))
-    assert all(orjson.loads(line)["time"] == TIME_PLACEHOLDER for line in lines)
+    for line in _encoded(_events(3)):
+        assert orjson.loads(line)["time"] == TIME_PLACEHOLDER
 
 
 def test_line_without_placeholder_rejected():
