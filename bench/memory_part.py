@@ -77,18 +77,22 @@ def run(ctx: Context) -> None:
                 after_cover = memory_kib(pid)
                 figures = wrk.run(url, str(load_file.path), ctx.profile.http_seconds, log_name=f"memory-load{tag}")
                 after_load = memory_kib(pid)
+                helpers = [memory_kib(helper) for helper in servers.helper_pids(pid)]
             finally:
                 group.stop_all()
             rss_mb = after_load["VmRSS"] / 1024
             results.add("memory", f"{label} rss", rss_mb)
             results.add("memory", f"{label} hwm", after_load["VmHWM"] / 1024)
             results.add("memory", f"{label} rps", figures["rps"])
+            if helpers:
+                results.add("memory", f"{label} helper rss", sum(helper["VmRSS"] for helper in helpers) / 1024)
             results.record(part="memory", setting=label, rep=rep, start_kib=after_start, cover_kib=after_cover,
-                           load_kib=after_load, coverage=coverage, expected_404=cover_file.expected_errors,
+                           load_kib=after_load, helper_kib=helpers, coverage=coverage, expected_404=cover_file.expected_errors,
                            load=figures)
             print(f"    RSS {after_start['VmRSS'] / 1024:.0f} MB at start, {after_cover['VmRSS'] / 1024:.0f} MB "
                   f"after {coverage['sent']:,} coverage requests, {rss_mb:.0f} MB after the load run "
-                  f"({figures['rps']:,.0f} req/s, p99 {figures['p99_ms']:.1f} ms)", flush=True)
+                  f"({figures['rps']:,.0f} req/s, p99 {figures['p99_ms']:.1f} ms)"
+                  + "".join(f"; signature helper {helper['VmRSS'] / 1024:.0f} MB" for helper in helpers), flush=True)
             # The last wrk run of the pass goes past the end of the file and starts over, so
             # the 404 responses to hidden images are expected in proportion to what was sent.
             expected = cover_file.expected_errors * coverage["sent"] / cover_file.count
@@ -102,5 +106,7 @@ def run(ctx: Context) -> None:
         target = "<= 100" if label == "default cache" else ""
         results.row("memory", f"API RSS, {label}", "MB", results.get("memory", f"{label} rss"), target)
         results.row("memory", f"API peak RSS (VmHWM), {label}", "MB", results.get("memory", f"{label} hwm"))
+        if results.get("memory", f"{label} helper rss"):
+            results.row("memory", f"signature helper RSS, {label}", "MB", results.get("memory", f"{label} helper rss"))
         results.row("memory", f"service throughput after coverage, {label}", "req/s",
                     results.get("memory", f"{label} rps"))

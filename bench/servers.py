@@ -69,6 +69,11 @@ def api_pids(kind: str, started: list[Process]) -> list[int]:
     return [process.pid for process in started]
 
 
+def helper_pids(api_pid: int) -> list[int]:
+    """Return the pids of the signature helper processes (python -m service.auth.checker) of an API process."""
+    return [pid for pid in children_of(api_pid) if b"service.auth.checker" in _cmdline(pid)]
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:

@@ -23,7 +23,7 @@ from service.http import (
 )
 from service.auth import stage as auth_stage
 from service.auth.store import KeyStore
-from service.auth.verifier import SignatureVerifier
+from service.auth.verifier import start_verifier
 from service.notify import ACCOUNT_CHANNEL, IMAGE_CHANNEL, ChangeListener
 from service.hotpath import HOT_PATH, HotPath
 from service.protocol import make_runner
@@ -129,7 +129,7 @@ async def _database_context(app: web.Application):
     store = ImageStore(pool, query_timeout=settings.db_query_timeout, cache_size=settings.cache_max_images)
     keys = KeyStore(pool, query_timeout=settings.db_query_timeout)
     auth_stage.prepare()
-    verifier = SignatureVerifier()
+    verifier = await start_verifier(settings.signature_checks, settings.http_processes)
     listener = ChangeListener(settings.database_url, connect_timeout=settings.db_connect_timeout)
     listener.subscribe(IMAGE_CHANNEL, store)
     listener.subscribe(ACCOUNT_CHANNEL, keys)
@@ -143,7 +143,7 @@ async def _database_context(app: web.Application):
         app[METRICS].watch(store=store, pool=pool, listener=listener)
     yield
     await listener.stop()
-    verifier.close()
+    await verifier.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(pool.close(), timeout=5)
 

@@ -203,6 +203,13 @@ class Settings:
         "LOG_LEVEL", "info", _parse_choice("debug", "info", "warning", "error"), "Lowest level logged."
     )
     access_log: bool = _field("ACCESS_LOG", "true", _parse_bool, "Log one line per HTTP request.")
+    signature_checks: str = _field(
+        "SIGNATURE_CHECKS",
+        "auto",
+        _parse_choice("auto", "helper", "thread"),
+        "Where request signatures are checked: a helper process per API process, a thread of it, "
+        "or auto (a helper when a CPU is left over beyond HTTP_PROCESSES).",
+    )
     worker_http_host: str = _field(
         "WORKER_HTTP_HOST", "127.0.0.1", _parse_host, "Address of the worker's health and metrics endpoint."
     )

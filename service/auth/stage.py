@@ -22,14 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from service.auth.keys import PublicKey, parse_public_key
 from service.auth.signature import Credentials, RequestView, parse_authorization
 from service.auth.store import Account, KeyStore
-from service.auth.verifier import SignatureVerifier
+from service.auth.verifier import Verifier
 from service.errors import InvalidCredentials, NotAuthorized
 from service.http import CALLER
 
 log = structlog.get_logger("auth")
 
 KEY_STORE = web.AppKey("key_store", KeyStore)
-VERIFIER = web.AppKey("signature_verifier", SignatureVerifier)
+VERIFIER = web.AppKey("signature_verifier", Verifier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +109,13 @@ async def authenticate(request: web.Request) -> None:
 
 
 async def verify(
-    credentials: Credentials, account: Account | None, key_reference: str, verifier: SignatureVerifier | None
+    credentials: Credentials, account: Account | None, key_reference: str, verifier: Verifier | None
 ) -> Caller:
     """Check `credentials` against the key `key_reference` of `account` and return the
     caller, or raise InvalidCredentials or NotAuthorized.
 
-    `account` is None when no such account exists. The check runs on `verifier`'s thread
-    when there is one.
+    `account` is None when no such account exists. The check runs on `verifier` (a
+    thread or a helper process) when there is one, else on the event loop.
     """
     key = account.find_key(key_reference) if account is not None else None
     signature = _decode_signature(credentials.signature)

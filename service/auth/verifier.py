@@ -1,22 +1,35 @@
-"""Signature checks on a thread of their own, handed over in batches.
+"""Where signature checks run: on a thread of the API process, or in a helper process.
 
 An RSA-2048 check takes about 20 microseconds in a tight loop. On the event loop's
 thread of a busy API process it cost about 45 microseconds of each request's time,
 measured against a process with the check switched off (docs/benchmarks.md). The
 likely cause is that the rest of the request evicts OpenSSL's code and data from the
-CPU caches. OpenSSL releases the GIL while it checks, so the checks can run on another
-core while the event loop serves other requests.
+CPU caches. So the checks leave the event loop, in one of two ways:
 
-The event loop puts each check on a queue and awaits a future. The thread takes
-everything queued, checks it, and hands all the results back in one callback, so a
-busy process pays one wake-up per batch, not per request.
+- `ThreadVerifier`: a thread of the API process. OpenSSL releases the GIL while it
+  checks, so the thread checks while the event loop serves other requests. The event
+  loop puts each check on a queue and awaits a future; the thread takes everything
+  queued, checks it, and hands all the results back in one callback, so a busy process
+  pays one wake-up per batch, not per request.
+- `service.auth.helper.HelperVerifier`: a helper process, which shares no GIL with the
+  event loop.
+
+`start_verifier` chooses (`SIGNATURE_CHECKS`). Measured on 2 cores, as a share of bare
+aiohttp's requests/s (docs/benchmarks.md): with one API process, 0.44 with the helper
+against 0.30 with the thread, which waited for the GIL while the second core stayed
+mostly idle. With two API processes, which keep both cores busy, 0.40 with the thread
+against 0.34 with helpers, whose wake-ups compete with the API processes. So `auto`
+starts a helper when the process may use a core more than the API processes take, and
+the thread otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
+from typing import Protocol
 
 import structlog
 
@@ -27,7 +40,42 @@ log = structlog.get_logger("auth")
 _STOP = object()
 
 
-class SignatureVerifier:
+class Verifier(Protocol):
+    """Checks signatures away from the event loop."""
+
+    def verify(self, key: PublicKey, algorithm: str, signature: bytes, data: bytes) -> asyncio.Future:
+        """Return a future of `key.verify(algorithm, signature, data)`."""
+
+    async def close(self) -> None:
+        """Stop; checks asked for later run on the event loop."""
+
+
+async def start_verifier(mode: str, api_processes: int) -> Verifier:
+    """Start the verifier `mode` names: "thread", "helper", or "auto" (see above)."""
+    if mode == "auto":
+        mode = "helper" if usable_cpus() >= api_processes + 1 else "thread"
+    if mode == "helper":
+        from service.auth.helper import HelperVerifier
+
+        return await HelperVerifier.start()
+    return ThreadVerifier()
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit) when one is set."""
+    count = float(len(os.sched_getaffinity(0)))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limits:
+            quota, period = limits.read().split()
+        if quota != "max":
+            count = min(count, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+class ThreadVerifier:
     """One thread that checks signatures for one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
@@ -46,7 +94,7 @@ class SignatureVerifier:
             future.set_result(key.verify(algorithm, signature, data))
         return future
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop the thread once it has checked what is queued."""
         self._queue.put(_STOP)
 

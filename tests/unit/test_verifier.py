@@ -1,12 +1,17 @@
-"""The signature verifier thread of service.auth.verifier, and the signature forms it checks."""
+"""The signature checking thread of service.auth.verifier, the choice between it and the
+helper process, and the signature forms they check."""
 
 import asyncio
+
+import pytest
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from service.auth.keys import parse_public_key
-from service.auth.verifier import SignatureVerifier
+from service.auth import verifier as verifier_module
+from service.auth.helper import HelperVerifier
+from service.auth.verifier import ThreadVerifier, start_verifier
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ED_KEY = ed25519.Ed25519PrivateKey.generate()
@@ -34,25 +39,56 @@ def _cases():
 
 
 async def test_many_checks_at_once_each_get_their_result():
-    verifier = SignatureVerifier()
+    verifier = ThreadVerifier()
     cases = _cases()
     try:
         futures = [verifier.verify(key, algorithm, signature, data) for key, algorithm, signature, data, _ in cases]
         results = await asyncio.wait_for(asyncio.gather(*futures), timeout=20)
     finally:
-        verifier.close()
+        await verifier.close()
 
     assert results == [valid for *_, valid in cases]
 
 
 async def test_checks_after_close_run_in_place():
-    verifier = SignatureVerifier()
-    verifier.close()
+    verifier = ThreadVerifier()
+    await verifier.close()
     await asyncio.wait_for(asyncio.to_thread(verifier._thread.join), timeout=20)
     key, algorithm, signature, data, valid = _cases()[1]
 
     assert not verifier._thread.is_alive()
     assert await asyncio.wait_for(verifier.verify(key, algorithm, signature, data), timeout=20) is valid
+
+
+@pytest.mark.parametrize(
+    ("cpus", "api_processes", "expected"),
+    [(2.0, 1, HelperVerifier), (2.0, 2, ThreadVerifier), (1.5, 1, ThreadVerifier), (8.0, 4, HelperVerifier)],
+)
+async def test_auto_starts_a_helper_only_when_a_cpu_is_left_over(monkeypatch, cpus, api_processes, expected):
+    monkeypatch.setattr(verifier_module, "usable_cpus", lambda: cpus)
+
+    verifier = await start_verifier("auto", api_processes)
+    await verifier.close()
+
+    assert type(verifier) is expected
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("helper", HelperVerifier), ("thread", ThreadVerifier)])
+async def test_a_named_mode_is_used_whatever_the_cpus(monkeypatch, mode, expected):
+    monkeypatch.setattr(verifier_module, "usable_cpus", lambda: 1.0 if mode == "helper" else 64.0)
+
+    verifier = await start_verifier(mode, 1)
+    await verifier.close()
+
+    assert type(verifier) is expected
+
+
+def test_usable_cpus_is_at_most_the_affinity():
+    import os
+
+    cpus = verifier_module.usable_cpus()
+
+    assert 0 < cpus <= len(os.sched_getaffinity(0))
 
 
 def test_raw_ecdsa_signature_starting_like_der():

@@ -1,0 +1,166 @@
+"""The signature helper process of service.auth.helper: answers, failures and its lifetime."""
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from service.auth import helper as helper_module
+from service.auth.keys import parse_public_key
+from service.auth.helper import HelperVerifier
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ED_KEY = ed25519.Ed25519PrivateKey.generate()
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def _public(private_key):
+    text = private_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return parse_public_key(text.decode())
+
+
+def _cases(count=200):
+    rsa_public, ed_public, ec_public = _public(RSA_KEY), _public(ED_KEY), _public(EC_KEY)
+    cases = []
+    for index in range(count):
+        data = f"date: request {index}".encode()
+        if index % 3 == 0:
+            signature = RSA_KEY.sign(data, padding.PKCS1v15(), hashes.SHA256())
+            key, algorithm = rsa_public, "rsa-sha256"
+        elif index % 3 == 1:
+            signature = ED_KEY.sign(data)
+            key, algorithm = ed_public, "ed25519-sha512"
+        else:
+            signature = EC_KEY.sign(data, ec.ECDSA(hashes.SHA256()))
+            key, algorithm = ec_public, "ecdsa-sha256"
+        valid = index % 4 != 0
+        cases.append((key, algorithm, signature, data if valid else data + b"!", valid))
+    return cases
+
+
+async def _verify_all(verifier, cases):
+    futures = [verifier.verify(key, algorithm, signature, data) for key, algorithm, signature, data, _ in cases]
+    return await asyncio.wait_for(asyncio.gather(*futures), timeout=20)
+
+
+async def _wait_for(condition, timeout=20):
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def verifier():
+    started = await HelperVerifier.start()
+    yield started
+    await started.close()
+
+
+async def test_many_checks_at_once_each_get_their_result(verifier):
+    cases = _cases()
+
+    results = await _verify_all(verifier, cases)
+
+    assert results == [valid for *_, valid in cases]
+    assert verifier.checked_in_place == 0
+
+
+async def test_checks_of_later_loop_passes_go_in_later_messages(verifier):
+    cases = _cases(30)
+
+    results = [await asyncio.wait_for(verifier.verify(*case[:4]), timeout=20) for case in cases]
+
+    assert results == [valid for *_, valid in cases]
+    assert verifier.checked_in_place == 0
+
+
+async def test_wrong_algorithm_for_the_key_is_false(verifier):
+    key, _, signature, data, _ = _cases(1)[0]
+
+    assert await asyncio.wait_for(verifier.verify(key, "ed25519-sha512", signature, data), timeout=20) is False
+    assert await asyncio.wait_for(verifier.verify(key, "rsa-md5", signature, data), timeout=20) is False
+
+
+async def test_close_stops_the_helper_and_later_checks_run_in_place():
+    verifier = await HelperVerifier.start()
+    process = verifier._process
+    await verifier.close()
+    key, algorithm, signature, data, valid = _cases(2)[1]
+
+    assert process.returncode == 0
+    assert verifier.helper_pid is None
+    assert await asyncio.wait_for(verifier.verify(key, algorithm, signature, data), timeout=20) is valid
+    assert verifier.checked_in_place == 1
+
+
+async def test_a_killed_helper_loses_no_check_and_is_started_again(verifier, monkeypatch):
+    monkeypatch.setattr(helper_module, "_RESTART_DELAYS", (0.05,))
+    cases = _cases(60)
+    first_pid = verifier.helper_pid
+    futures = [verifier.verify(key, algorithm, signature, data) for key, algorithm, signature, data, _ in cases]
+    # Let the batch go out, then kill the helper before (or while) it answers.
+    await asyncio.sleep(0)
+    os.kill(first_pid, signal.SIGKILL)
+
+    results = await asyncio.wait_for(asyncio.gather(*futures), timeout=20)
+    await _wait_for(lambda: verifier.helper_pid not in (None, first_pid))
+    checked_before = verifier.checked_in_place
+    after = await _verify_all(verifier, cases)
+
+    assert results == [valid for *_, valid in cases]
+    assert after == [valid for *_, valid in cases]
+    assert verifier.checked_in_place == checked_before
+
+
+async def test_a_key_the_helper_cannot_read_is_checked_in_place(verifier):
+    key, algorithm, signature, data, valid = _cases(2)[1]
+    # A key whose OpenSSH text does not parse: the helper answers None, the loop checks.
+    unreadable = type(key)(
+        key_type=key.key_type,
+        openssh="ssh-ed25519 not-base64",
+        md5_fingerprint=key.md5_fingerprint,
+        sha256_fingerprint=key.sha256_fingerprint,
+        comment="",
+        key=key.key,
+    )
+
+    assert await asyncio.wait_for(verifier.verify(unreadable, algorithm, signature, data), timeout=20) is valid
+    assert verifier.checked_in_place == 1
+
+
+_OWNER = """
+import asyncio, sys
+from service.auth.helper import HelperVerifier
+
+async def main():
+    verifier = await HelperVerifier.start()
+    print(verifier.helper_pid, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_the_helper_exits_when_its_api_process_is_killed():
+    owner = await asyncio.create_subprocess_exec(sys.executable, "-c", _OWNER, stdout=asyncio.subprocess.PIPE)
+    try:
+        helper_pid = int(await asyncio.wait_for(owner.stdout.readline(), timeout=20))
+        assert not _gone(helper_pid)
+    finally:
+        owner.kill()
+        await owner.wait()
+
+    await _wait_for(lambda: _gone(helper_pid))
+    assert _gone(helper_pid)
