@@ -5,7 +5,7 @@ output. It imports no more than the key module needs, to stay small (about 25 MB
 resident, most of it `cryptography`), and exits when its input ends.
 
 A message is a 4-byte big-endian length and a marshal-encoded list. Requests are
-(number, OpenSSH key text, algorithm, signature, signing string); answers are
+(number, OpenSSH key text, algorithm, signature, signing string); replies are
 (number, True | False | None), None meaning the helper could not check it.
 """
 
@@ -54,7 +54,7 @@ def _check(keys: dict[str, PublicKey], openssh: str, algorithm: str, signature: 
 
 
 def serve(reader: int = 0, writer: int = 1) -> None:
-    """The helper's main: answer every message on `reader` until it ends."""
+    """Run the helper: reply to every message on `reader` until it ends."""
     # Ctrl-C in a terminal reaches the whole process group; the API process decides
     # when its helper stops, by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -69,14 +69,14 @@ def serve(reader: int = 0, writer: int = 1) -> None:
         payload = _read_exactly(reader, size)
         if payload is None:
             return
-        answers = []
+        replies = []
         for number, openssh, algorithm, signature, data in marshal.loads(payload):
             try:
                 outcome = _check(keys, openssh, algorithm, signature, data)
             except Exception:
                 outcome = None
-            answers.append((number, outcome))
-        message = marshal.dumps(answers)
+            replies.append((number, outcome))
+        message = marshal.dumps(replies)
         _write_all(writer, LENGTH.pack(len(message)) + message)
 
 

@@ -11,11 +11,11 @@ every few milliseconds. Requests waited about 4.5 ms for their check
 A helper process shares no GIL with the event loop. `HelperVerifier` starts one,
 `python -m service.auth.checker`, and talks to it over a socket pair. Every check asked
 for during one pass of the event loop goes over in one message; the helper checks them
-all and answers in one message, so a busy process pays one write and one read per batch.
+all and replies in one message, so a busy process pays one write and one read per batch.
 
 The helper only ever sees public keys, signatures and signing strings. It exits when
 its socket closes, so it never outlives the API process, even one killed with SIGKILL.
-If it stops anyway, every check it had not answered, and every later one, runs on the
+If it stops anyway, every check it had not replied to, and every later one, runs on the
 event loop, and a new helper is started after a pause; requests see no error.
 """
 
@@ -152,10 +152,10 @@ class HelperVerifier(asyncio.Protocol):
             end = LENGTH.size + size
             if len(buffer) < end:
                 return
-            answers = marshal.loads(buffer[LENGTH.size : end])
+            replies = marshal.loads(buffer[LENGTH.size : end])
             del buffer[:end]
             sent = self._sent
-            for number, outcome in answers:
+            for number, outcome in replies:
                 item = sent.pop(number, None)
                 if item is None:
                     continue
@@ -178,7 +178,7 @@ class HelperVerifier(asyncio.Protocol):
             self._restart_task = self._loop.create_task(self._restart())
 
     def _disconnect(self) -> None:
-        """Forget the helper and check on the event loop what it had not answered."""
+        """Forget the helper and check on the event loop what it had not replied to."""
         self._transport = None
         waiting = list(self._sent.values())
         self._sent.clear()

@@ -62,8 +62,8 @@ async def start_verifier(mode: str, api_processes: int) -> Verifier:
 
 
 def usable_cpus() -> float:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota
-    (a Kubernetes CPU limit) when one is set."""
+    """Return the CPUs this process may use: its affinity, capped by a cgroup v2 CPU
+    quota (a Kubernetes CPU limit) when one is set."""
     count = float(len(os.sched_getaffinity(0)))
     try:
         with open("/sys/fs/cgroup/cpu.max") as limits:

@@ -60,7 +60,7 @@ async def verifier():
     await started.close()
 
 
-async def test_many_checks_at_once_each_get_their_result(verifier):
+async def test_helper_many_checks_at_once_each_get_their_result(verifier):
     cases = _cases()
 
     results = await _verify_all(verifier, cases)
@@ -69,7 +69,7 @@ async def test_many_checks_at_once_each_get_their_result(verifier):
     assert verifier.checked_in_place == 0
 
 
-async def test_checks_of_later_loop_passes_go_in_later_messages(verifier):
+async def test_helper_checks_one_at_a_time(verifier):
     cases = _cases(30)
 
     results = [await asyncio.wait_for(verifier.verify(*case[:4]), timeout=20) for case in cases]
@@ -78,14 +78,14 @@ async def test_checks_of_later_loop_passes_go_in_later_messages(verifier):
     assert verifier.checked_in_place == 0
 
 
-async def test_wrong_algorithm_for_the_key_is_false(verifier):
+async def test_helper_wrong_algorithm_for_the_key_is_false(verifier):
     key, _, signature, data, _ = _cases(1)[0]
 
     assert await asyncio.wait_for(verifier.verify(key, "ed25519-sha512", signature, data), timeout=20) is False
     assert await asyncio.wait_for(verifier.verify(key, "rsa-md5", signature, data), timeout=20) is False
 
 
-async def test_close_stops_the_helper_and_later_checks_run_in_place():
+async def test_helper_close_stops_it_and_later_checks_run_in_place():
     verifier = await HelperVerifier.start()
     process = verifier._process
     await verifier.close()
@@ -97,12 +97,12 @@ async def test_close_stops_the_helper_and_later_checks_run_in_place():
     assert verifier.checked_in_place == 1
 
 
-async def test_a_killed_helper_loses_no_check_and_is_started_again(verifier, monkeypatch):
+async def test_helper_killed_loses_no_check_and_starts_again(verifier, monkeypatch):
     monkeypatch.setattr(helper_module, "_RESTART_DELAYS", (0.05,))
     cases = _cases(60)
     first_pid = verifier.helper_pid
     futures = [verifier.verify(key, algorithm, signature, data) for key, algorithm, signature, data, _ in cases]
-    # Let the batch go out, then kill the helper before (or while) it answers.
+    # Let the batch go out, then kill the helper before (or while) it replies.
     await asyncio.sleep(0)
     os.kill(first_pid, signal.SIGKILL)
 
@@ -116,9 +116,9 @@ async def test_a_killed_helper_loses_no_check_and_is_started_again(verifier, mon
     assert verifier.checked_in_place == checked_before
 
 
-async def test_a_key_the_helper_cannot_read_is_checked_in_place(verifier):
+async def test_helper_unreadable_key_is_checked_in_place(verifier):
     key, algorithm, signature, data, valid = _cases(2)[1]
-    # A key whose OpenSSH text does not parse: the helper answers None, the loop checks.
+    # A key whose OpenSSH text does not parse: the helper replies None, the loop checks.
     unreadable = type(key)(
         key_type=key.key_type,
         openssh="ssh-ed25519 not-base64",
@@ -153,7 +153,7 @@ def _gone(pid):
         return True
 
 
-async def test_the_helper_exits_when_its_api_process_is_killed():
+async def test_helper_exits_when_its_api_process_is_killed():
     owner = await asyncio.create_subprocess_exec(sys.executable, "-c", _OWNER, stdout=asyncio.subprocess.PIPE)
     try:
         helper_pid = int(await asyncio.wait_for(owner.stdout.readline(), timeout=20))

@@ -64,7 +64,7 @@ async def test_checks_after_close_run_in_place():
     ("cpus", "api_processes", "expected"),
     [(2.0, 1, HelperVerifier), (2.0, 2, ThreadVerifier), (1.5, 1, ThreadVerifier), (8.0, 4, HelperVerifier)],
 )
-async def test_auto_starts_a_helper_only_when_a_cpu_is_left_over(monkeypatch, cpus, api_processes, expected):
+async def test_start_verifier_auto_picks_helper_only_with_a_spare_cpu(monkeypatch, cpus, api_processes, expected):
     monkeypatch.setattr(verifier_module, "usable_cpus", lambda: cpus)
 
     verifier = await start_verifier("auto", api_processes)
@@ -74,7 +74,7 @@ async def test_auto_starts_a_helper_only_when_a_cpu_is_left_over(monkeypatch, cp
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("helper", HelperVerifier), ("thread", ThreadVerifier)])
-async def test_a_named_mode_is_used_whatever_the_cpus(monkeypatch, mode, expected):
+async def test_start_verifier_named_mode_ignores_cpus(monkeypatch, mode, expected):
     monkeypatch.setattr(verifier_module, "usable_cpus", lambda: 1.0 if mode == "helper" else 64.0)
 
     verifier = await start_verifier(mode, 1)
