@@ -55,9 +55,11 @@ def _check(keys: dict[str, PublicKey], openssh: str, algorithm: str, signature: 
 
 def serve(reader: int = 0, writer: int = 1) -> None:
     """Run the helper: reply to every message on `reader` until it ends."""
-    # Ctrl-C in a terminal reaches the whole process group; the API process decides
-    # when its helper stops, by closing the socket.
+    # Ctrl-C in a terminal, `timeout` and systemd signal the whole process group (or
+    # cgroup) at once. The API process decides when its helper stops, by closing the
+    # socket once the requests in flight are done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     keys: dict[str, PublicKey] = {}
     while True:
         head = _read_exactly(reader, LENGTH.size)

@@ -52,9 +52,10 @@ class Verifier(Protocol):
 
 async def start_verifier(mode: str, api_processes: int) -> Verifier:
     """Start the verifier `mode` names: "thread", "helper", or "auto" (see above)."""
-    if mode == "auto":
-        mode = "helper" if usable_cpus() >= api_processes + 1 else "thread"
-    if mode == "helper":
+    cpus = usable_cpus()
+    chosen = mode if mode != "auto" else "helper" if cpus >= api_processes + 1 else "thread"
+    log.info("signature_checks", mode=chosen, setting=mode, usable_cpus=round(cpus, 2), api_processes=api_processes)
+    if chosen == "helper":
         from service.auth.helper import HelperVerifier
 
         return await HelperVerifier.start()
@@ -64,7 +65,10 @@ async def start_verifier(mode: str, api_processes: int) -> Verifier:
 def usable_cpus() -> float:
     """Return the CPUs this process may use: its affinity, capped by a cgroup v2 CPU
     quota (a Kubernetes CPU limit) when one is set."""
-    count = float(len(os.sched_getaffinity(0)))
+    try:
+        count = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        count = float(os.cpu_count() or 1)
     try:
         with open("/sys/fs/cgroup/cpu.max") as limits:
             quota, period = limits.read().split()

@@ -116,6 +116,21 @@ async def test_helper_killed_loses_no_check_and_starts_again(verifier, monkeypat
     assert verifier.checked_in_place == checked_before
 
 
+async def test_helper_ignores_sigterm_sent_to_the_process_group(verifier):
+    # `timeout` and systemd signal every process of the group; the API process stops
+    # its helper itself, once its requests are done.
+    cases = _cases(6)
+    await _verify_all(verifier, cases)  # the helper has started serving
+    pid = verifier.helper_pid
+    os.kill(pid, signal.SIGTERM)
+
+    results = await _verify_all(verifier, cases)
+
+    assert results == [valid for *_, valid in cases]
+    assert verifier.helper_pid == pid
+    assert verifier.checked_in_place == 0
+
+
 async def test_helper_unreadable_key_is_checked_in_place(verifier):
     key, algorithm, signature, data, valid = _cases(2)[1]
     # A key whose OpenSSH text does not parse: the helper replies None, the loop checks.
