@@ -3,7 +3,7 @@
 An RSA-2048 check takes about 21 microseconds in a tight loop, and about 35 of each
 request's time on the event loop of a busy API process. When the machine has a core
 that no API process uses, the checking thread of `service.auth.verifier` leaves most
-of it idle: `cryptography` releases the GIL during the check itself, but the thread
+of it idle. `cryptography` releases the GIL during the check itself, but the thread
 needs the GIL before and after each check, and a busy event loop lets go of it only
 every few milliseconds. Requests waited about 4.5 ms for their check
 (docs/benchmarks.md, "Where the signature check runs").
@@ -15,8 +15,9 @@ all and replies in one message, so a busy process pays one write and one read pe
 
 The helper only ever sees public keys, signatures and signing strings. It exits when
 its socket closes, so it never outlives the API process, even one killed with SIGKILL.
-If it stops anyway, every check it had not replied to, and every later one, runs on the
-event loop, and a new helper is started after a pause; requests see no error.
+If it exits anyway, or leaves checks without a reply for `_REPLY_TIMEOUT` seconds, every
+check it had not replied to, and every later one, runs on the event loop, and a new
+helper is started after a pause; requests see no error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ log = structlog.get_logger("auth")
 
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds, then 30 s between attempts
 _STABLE = 60.0  # seconds a helper runs before the delays start over
+# Seconds the helper may leave checks without a reply. A batch of a thousand RSA-2048
+# checks takes 20 to 40 ms (an estimate from single checks); past this the helper counts as stalled and is replaced.
+_REPLY_TIMEOUT = 2.0
 
 
 class HelperVerifier(asyncio.Protocol):
@@ -52,6 +56,8 @@ class HelperVerifier(asyncio.Protocol):
         self._closing = False
         self._restarts = 0
         self._connected_at = 0.0
+        self._waiting_since = 0.0  # when the helper last replied, or got checks while it had none
+        self._watchdog: asyncio.TimerHandle | None = None
         self._restart_task: asyncio.Task | None = None
         # Checks made on the event loop because no helper was running; read by the tests.
         self.checked_in_place = 0
@@ -95,6 +101,7 @@ class HelperVerifier(asyncio.Protocol):
             try:
                 await asyncio.wait_for(process.wait(), timeout=5)
             except asyncio.TimeoutError:
+                log.error("signature_helper_killed", pid=process.pid, reason="no exit within 5 s of its socket closing")
                 process.kill()
                 await process.wait()
 
@@ -121,6 +128,8 @@ class HelperVerifier(asyncio.Protocol):
             return
         requests = []
         sent = self._sent
+        if not sent:
+            self._waiting_since = self._loop.time()
         number = self._next
         for item in queued:
             _future, key, algorithm, signature, data = item
@@ -128,6 +137,8 @@ class HelperVerifier(asyncio.Protocol):
             requests.append((number, key.openssh, algorithm, signature, data))
             number += 1
         self._next = number
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(_REPLY_TIMEOUT, self._check_progress)
         payload = marshal.dumps(requests)
         self._transport.write(LENGTH.pack(len(payload)) + payload)
 
@@ -152,6 +163,7 @@ class HelperVerifier(asyncio.Protocol):
             end = LENGTH.size + size
             if len(buffer) < end:
                 return
+            self._waiting_since = self._loop.time()
             replies = marshal.loads(buffer[LENGTH.size : end])
             del buffer[:end]
             sent = self._sent
@@ -177,8 +189,28 @@ class HelperVerifier(asyncio.Protocol):
             log.error("signature_helper_stopped", pid=self._process.pid, error=repr(exc) if exc else None)
             self._restart_task = self._loop.create_task(self._restart())
 
+    def _check_progress(self) -> None:
+        self._watchdog = None
+        if self._transport is None or not self._sent:
+            return
+        waited = self._loop.time() - self._waiting_since
+        if waited < _REPLY_TIMEOUT:
+            self._watchdog = self._loop.call_later(_REPLY_TIMEOUT - waited, self._check_progress)
+            return
+        # Stopped (SIGSTOP), stuck or starved: check here and start a new helper.
+        log.error("signature_helper_stalled", pid=self._process.pid, waited_s=round(waited, 3), checks=len(self._sent))
+        transport = self._transport
+        self._disconnect()
+        transport.abort()
+        self._process.kill()
+        if not self._closing:
+            self._restart_task = self._loop.create_task(self._restart())
+
     def _disconnect(self) -> None:
         """Forget the helper and check on the event loop what it had not replied to."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._transport = None
         waiting = list(self._sent.values())
         self._sent.clear()

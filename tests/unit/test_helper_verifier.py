@@ -1,6 +1,7 @@
 """The signature helper process of service.auth.helper: answers, failures and its lifetime."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -179,3 +180,43 @@ async def test_helper_exits_when_its_api_process_is_killed():
 
     await _wait_for(lambda: _gone(helper_pid))
     assert _gone(helper_pid)
+
+
+async def test_helper_stalled_is_replaced_and_its_checks_run_in_place(verifier, monkeypatch):
+    # A helper that stops replying (here SIGSTOP) must not hold requests: after the
+    # reply timeout the loop checks them itself and starts a new helper.
+    monkeypatch.setattr(helper_module, "_REPLY_TIMEOUT", 0.2)
+    monkeypatch.setattr(helper_module, "_RESTART_DELAYS", (0.05,))
+    cases = _cases(12)
+    await _verify_all(verifier, cases)
+    stalled_pid = verifier.helper_pid
+    os.kill(stalled_pid, signal.SIGSTOP)
+    try:
+        results = await _verify_all(verifier, cases)
+        await _wait_for(lambda: verifier.helper_pid not in (None, stalled_pid))
+    finally:
+        # Killed by the verifier already; SIGCONT lets a survivor go on if it was not.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stalled_pid, signal.SIGCONT)
+    checked_before = verifier.checked_in_place
+    after = await _verify_all(verifier, cases)
+
+    assert results == [valid for *_, valid in cases]
+    assert checked_before == len(cases)
+    assert after == [valid for *_, valid in cases]
+    assert verifier.checked_in_place == checked_before
+    assert _gone(stalled_pid)
+
+
+async def test_helper_busy_for_less_than_the_timeout_is_kept(verifier, monkeypatch):
+    # Replies that keep coming, each batch well inside the timeout, are progress.
+    monkeypatch.setattr(helper_module, "_REPLY_TIMEOUT", 0.3)
+    pid = verifier.helper_pid
+    cases = _cases(9)
+    async with asyncio.timeout(20):
+        for _ in range(10):
+            await _verify_all(verifier, cases)
+            await asyncio.sleep(0.1)
+
+    assert verifier.helper_pid == pid
+    assert verifier.checked_in_place == 0
