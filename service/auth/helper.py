@@ -10,7 +10,7 @@ every few milliseconds. Requests waited about 4.5 ms for their check
 
 A helper process shares no GIL with the event loop. `HelperVerifier` starts one,
 `python -m service.auth.checker`, and talks to it over a socket pair. Every check asked
-for during one pass of the event loop goes over in one message; the helper checks them
+for during one pass of the event loop goes over in one message. The helper checks them
 all and replies in one message, so a busy process pays one write and one read per batch.
 
 The helper only ever sees public keys, signatures and signing strings. It exits when
@@ -36,8 +36,9 @@ log = structlog.get_logger("auth")
 
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds, then 30 s between attempts
 _STABLE = 60.0  # seconds a helper runs before the delays start over
-# Seconds the helper may leave checks without a reply. A batch of a thousand RSA-2048
-# checks takes 20 to 40 ms (an estimate from single checks); past this the helper counts as stalled and is replaced.
+# Seconds the helper may leave checks without a reply before it counts as stalled and
+# is replaced. A batch of a thousand RSA-2048 checks takes 20 to 40 ms (an estimate
+# from single checks).
 _REPLY_TIMEOUT = 2.0
 
 

@@ -8,8 +8,8 @@ CPU caches. So the checks leave the event loop, in one of two ways:
 
 - `ThreadVerifier`: a thread of the API process. OpenSSL releases the GIL while it
   checks, so the thread checks while the event loop serves other requests. The event
-  loop puts each check on a queue and awaits a future; the thread takes everything
-  queued, checks it, and hands all the results back in one callback, so a busy process
+  loop puts each check on a queue and awaits a future. The thread takes everything
+  queued, checks it, and hands all the results back in one callback. So a busy process
   pays one wake-up per batch, not per request.
 - `service.auth.helper.HelperVerifier`: a helper process, which shares no GIL with the
   event loop.
@@ -53,12 +53,18 @@ class Verifier(Protocol):
 async def start_verifier(mode: str, api_processes: int) -> Verifier:
     """Start the verifier `mode` names: "thread", "helper", or "auto" (see above)."""
     cpus = usable_cpus()
-    chosen = mode if mode != "auto" else "helper" if cpus >= api_processes + 1 else "thread"
+    chosen = mode
+    if mode == "auto":
+        chosen = "helper" if cpus >= api_processes + 1 else "thread"
     log.info("signature_checks", mode=chosen, setting=mode, usable_cpus=round(cpus, 2), api_processes=api_processes)
     if chosen == "helper":
         from service.auth.helper import HelperVerifier
 
-        return await HelperVerifier.start()
+        try:
+            return await HelperVerifier.start()
+        except Exception as exc:
+            # The API still serves, at the thread's speed; the log says why.
+            log.error("signature_helper_start_failed", error=repr(exc), fallback="thread")
     return ThreadVerifier()
 
 

@@ -1,4 +1,4 @@
-"""The signature helper process of service.auth.helper: answers, failures and its lifetime."""
+"""The signature helper process of service.auth.helper: replies, failures and its lifetime."""
 
 import asyncio
 import contextlib

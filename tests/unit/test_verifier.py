@@ -107,3 +107,17 @@ def test_raw_ecdsa_signature_starting_like_der():
 
     assert raw[0] == 0x30
     assert public_key.verify("ecdsa-sha256", raw, data)
+
+
+async def test_start_verifier_falls_back_to_the_thread_when_the_helper_cannot_start(monkeypatch):
+    from service.auth import helper as helper_module
+
+    async def fail_to_spawn(self):
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(helper_module.HelperVerifier, "_spawn", fail_to_spawn)
+
+    verifier = await start_verifier("helper", 1)
+    await verifier.close()
+
+    assert type(verifier) is ThreadVerifier
