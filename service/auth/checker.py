@@ -20,7 +20,7 @@ from service.auth.keys import InvalidKey, PublicKey, parse_public_key
 
 LENGTH = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024 * 1024
-_KEPT_KEYS = 4096  # parsed keys kept; the helper starts over when full
+_KEPT_KEYS = 4096  # parsed keys kept. When full, the helper clears them.
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:

@@ -13,7 +13,7 @@ A helper process shares no GIL with the event loop. `HelperVerifier` starts one,
 for during one pass of the event loop goes over in one message. The helper checks them
 all and replies in one message, so a busy process pays one write and one read per batch.
 
-The helper only ever sees public keys, signatures and signing strings. It exits when
+The helper only ever receives public keys, signatures and signing strings. It exits when
 its socket closes, so it never outlives the API process, even one killed with SIGKILL.
 If it exits anyway, or leaves checks without a reply for `_REPLY_TIMEOUT` seconds, every
 check it had not replied to, and every later one, runs on the event loop, and a new
@@ -89,7 +89,7 @@ class HelperVerifier(asyncio.Protocol):
         return future
 
     async def close(self) -> None:
-        """Stop the helper; checks still waiting for it run on the event loop."""
+        """Stop the helper. Checks still waiting for it run on the event loop."""
         self._closing = True
         if self._restart_task is not None:
             self._restart_task.cancel()
@@ -102,7 +102,7 @@ class HelperVerifier(asyncio.Protocol):
             try:
                 await asyncio.wait_for(process.wait(), timeout=5)
             except asyncio.TimeoutError:
-                log.error("signature_helper_killed", pid=process.pid, reason="no exit within 5 s of its socket closing")
+                log.error("signature_helper_killed", pid=process.pid, reason="timed out waiting 5 s for it to exit after its socket closed")
                 process.kill()
                 await process.wait()
 
@@ -203,7 +203,8 @@ class HelperVerifier(asyncio.Protocol):
         transport = self._transport
         self._disconnect()
         transport.abort()
-        self._process.kill()
+        if self._process.returncode is None:
+            self._process.kill()
         if not self._closing:
             self._restart_task = self._loop.create_task(self._restart())
 

@@ -47,7 +47,7 @@ class Verifier(Protocol):
         """Return a future of `key.verify(algorithm, signature, data)`."""
 
     async def close(self) -> None:
-        """Stop; checks asked for later run on the event loop."""
+        """Stop checking off the event loop. Later checks run on the event loop."""
 
 
 async def start_verifier(mode: str, api_processes: int) -> Verifier:
@@ -63,7 +63,7 @@ async def start_verifier(mode: str, api_processes: int) -> Verifier:
         try:
             return await HelperVerifier.start()
         except Exception as exc:
-            # The API still serves, at the thread's speed; the log says why.
+            # The API keeps serving at the thread's speed, and the log line gives the reason.
             log.error("signature_helper_start_failed", error=repr(exc), fallback="thread")
     return ThreadVerifier()
 

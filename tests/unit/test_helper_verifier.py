@@ -61,7 +61,7 @@ async def verifier():
     await started.close()
 
 
-async def test_helper_many_checks_at_once_each_get_their_result(verifier):
+async def test_helper_batch_results_match(verifier):
     cases = _cases()
 
     results = await _verify_all(verifier, cases)
@@ -79,14 +79,14 @@ async def test_helper_checks_one_at_a_time(verifier):
     assert verifier.checked_in_place == 0
 
 
-async def test_helper_wrong_algorithm_for_the_key_is_false(verifier):
+async def test_helper_wrong_algorithm_is_false(verifier):
     key, _, signature, data, _ = _cases(1)[0]
 
     assert await asyncio.wait_for(verifier.verify(key, "ed25519-sha512", signature, data), timeout=20) is False
     assert await asyncio.wait_for(verifier.verify(key, "rsa-md5", signature, data), timeout=20) is False
 
 
-async def test_helper_close_stops_it_and_later_checks_run_in_place():
+async def test_helper_close_checks_in_place():
     verifier = await HelperVerifier.start()
     process = verifier._process
     await verifier.close()
@@ -98,7 +98,7 @@ async def test_helper_close_stops_it_and_later_checks_run_in_place():
     assert verifier.checked_in_place == 1
 
 
-async def test_helper_killed_loses_no_check_and_starts_again(verifier, monkeypatch):
+async def test_helper_killed_loses_no_check(verifier, monkeypatch):
     monkeypatch.setattr(helper_module, "_RESTART_DELAYS", (0.05,))
     cases = _cases(60)
     first_pid = verifier.helper_pid
@@ -117,8 +117,8 @@ async def test_helper_killed_loses_no_check_and_starts_again(verifier, monkeypat
     assert verifier.checked_in_place == checked_before
 
 
-async def test_helper_ignores_sigterm_sent_to_the_process_group(verifier):
-    # `timeout` and systemd signal every process of the group; the API process stops
+async def test_helper_ignores_group_sigterm(verifier):
+    # `timeout` and systemd signal every process of the group. The API process stops
     # its helper itself, once its requests are done.
     cases = _cases(6)
     await _verify_all(verifier, cases)  # the helper has started serving
@@ -132,7 +132,7 @@ async def test_helper_ignores_sigterm_sent_to_the_process_group(verifier):
     assert verifier.checked_in_place == 0
 
 
-async def test_helper_unreadable_key_is_checked_in_place(verifier):
+async def test_helper_unreadable_key_checked_in_place(verifier):
     key, algorithm, signature, data, valid = _cases(2)[1]
     # A key whose OpenSSH text does not parse: the helper replies None, the loop checks.
     unreadable = type(key)(
@@ -169,7 +169,7 @@ def _gone(pid):
         return True
 
 
-async def test_helper_exits_when_its_api_process_is_killed():
+async def test_helper_exits_with_killed_api():
     owner = await asyncio.create_subprocess_exec(sys.executable, "-c", _OWNER, stdout=asyncio.subprocess.PIPE)
     try:
         helper_pid = int(await asyncio.wait_for(owner.stdout.readline(), timeout=20))
@@ -182,7 +182,7 @@ async def test_helper_exits_when_its_api_process_is_killed():
     assert _gone(helper_pid)
 
 
-async def test_helper_stalled_is_replaced_and_its_checks_run_in_place(verifier, monkeypatch):
+async def test_helper_stalled_is_replaced(verifier, monkeypatch):
     # A helper that stops replying (here SIGSTOP) must not hold requests: after the
     # reply timeout the loop checks them itself and starts a new helper.
     monkeypatch.setattr(helper_module, "_REPLY_TIMEOUT", 0.2)
@@ -195,7 +195,7 @@ async def test_helper_stalled_is_replaced_and_its_checks_run_in_place(verifier, 
         results = await _verify_all(verifier, cases)
         await _wait_for(lambda: verifier.helper_pid not in (None, stalled_pid))
     finally:
-        # Killed by the verifier already; SIGCONT lets a survivor go on if it was not.
+        # The verifier has killed it. If it has not, SIGCONT lets it run on and exit.
         with contextlib.suppress(ProcessLookupError):
             os.kill(stalled_pid, signal.SIGCONT)
     checked_before = verifier.checked_in_place
@@ -208,7 +208,7 @@ async def test_helper_stalled_is_replaced_and_its_checks_run_in_place(verifier, 
     assert _gone(stalled_pid)
 
 
-async def test_helper_busy_for_less_than_the_timeout_is_kept(verifier, monkeypatch):
+async def test_helper_busy_is_kept(verifier, monkeypatch):
     # Replies that keep coming, each batch well inside the timeout, are progress.
     monkeypatch.setattr(helper_module, "_REPLY_TIMEOUT", 0.3)
     pid = verifier.helper_pid

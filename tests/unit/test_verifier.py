@@ -64,7 +64,7 @@ async def test_checks_after_close_run_in_place():
     ("cpus", "api_processes", "expected"),
     [(2.0, 1, HelperVerifier), (2.0, 2, ThreadVerifier), (1.5, 1, ThreadVerifier), (8.0, 4, HelperVerifier)],
 )
-async def test_start_verifier_auto_picks_helper_only_with_a_spare_cpu(monkeypatch, cpus, api_processes, expected):
+async def test_auto_needs_a_spare_cpu(monkeypatch, cpus, api_processes, expected):
     monkeypatch.setattr(verifier_module, "usable_cpus", lambda: cpus)
 
     verifier = await start_verifier("auto", api_processes)
@@ -74,7 +74,7 @@ async def test_start_verifier_auto_picks_helper_only_with_a_spare_cpu(monkeypatc
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("helper", HelperVerifier), ("thread", ThreadVerifier)])
-async def test_start_verifier_named_mode_ignores_cpus(monkeypatch, mode, expected):
+async def test_named_mode_ignores_cpus(monkeypatch, mode, expected):
     monkeypatch.setattr(verifier_module, "usable_cpus", lambda: 1.0 if mode == "helper" else 64.0)
 
     verifier = await start_verifier(mode, 1)
@@ -109,7 +109,7 @@ def test_raw_ecdsa_signature_starting_like_der():
     assert public_key.verify("ecdsa-sha256", raw, data)
 
 
-async def test_start_verifier_falls_back_to_the_thread_when_the_helper_cannot_start(monkeypatch):
+async def test_failed_helper_falls_back_to_thread(monkeypatch):
     from service.auth import helper as helper_module
 
     async def fail_to_spawn(self):
