@@ -124,7 +124,7 @@ async def _database_context(app: web.Application):
         size=settings.db_pool_size,
         connect_timeout=settings.db_connect_timeout,
         application_name="cloudapi-images-api",
-        read_only=True,
+        keep_session_state=True,  # plain reads only
     )
     store = ImageStore(pool, query_timeout=settings.db_query_timeout, cache_size=settings.cache_max_images)
     keys = KeyStore(pool, query_timeout=settings.db_query_timeout)

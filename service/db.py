@@ -14,8 +14,11 @@ import asyncpg
 #   08 connection exception, 53 insufficient resources, 57 operator intervention
 #   (admin shutdown, crash shutdown, cannot connect now, query canceled), 58 system error,
 #   40001 serialization failure, 40P01 deadlock detected.
+#   42P01 undefined table and 42883 undefined function: the database lacks a migration of
+#   this release (a pod started before the migrations Job finished). Retrying waits for
+#   it, where treating it as the statement's fault would dead-letter every event.
 _TRANSIENT_CLASSES = ("08", "53", "57", "58")
-_TRANSIENT_STATES = ("40001", "40P01")
+_TRANSIENT_STATES = ("40001", "40P01", "42P01", "42883")
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -53,11 +56,14 @@ async def create_pool(
     connect_timeout: float,
     application_name: str,
     min_size: int | None = None,
-    read_only: bool = False,
+    keep_session_state: bool = False,
 ) -> asyncpg.Pool:
     """Create a pool; connections are opened lazily, so this succeeds while Postgres is down.
 
-    A `read_only` pool skips asyncpg's reset query when a connection is released.
+    With `keep_session_state`, a released connection skips asyncpg's reset query (one
+    more round trip each time). Use it only for statements that leave no session state
+    behind: no session-level advisory locks, LISTEN, SET, prepared cursors or temporary
+    tables. An open transaction is still rolled back on release either way.
     """
     return await asyncpg.create_pool(
         dsn,
@@ -66,7 +72,7 @@ async def create_pool(
         timeout=connect_timeout,
         max_inactive_connection_lifetime=300,
         server_settings={"application_name": application_name},
-        reset=_keep_session_state if read_only else None,
+        reset=_skip_reset if keep_session_state else None,
     )
 
 
@@ -110,9 +116,5 @@ class FairGate:
         self._free += 1
 
 
-async def _keep_session_state(connection: asyncpg.Connection) -> None:
-    """Skip asyncpg's reset query on release (one more round trip per request).
-
-    Safe for the API's pool only: its statements are plain reads, which leave no session
-    state (locks, cursors, listeners, settings) behind to reset.
-    """
+async def _skip_reset(connection: asyncpg.Connection) -> None:
+    """Release a connection without asyncpg's reset query; see `create_pool`."""

@@ -19,6 +19,8 @@ Faults, and what the worker does about them:
   again once the commit succeeds; no valid event is dead-lettered because of an outage.
 - A migration that changes the result type of a prepared statement: the batch is
   retried at once on a fresh statement (see `_apply_with_retry`).
+- A table or function of this release missing (the migrations have not run yet): an
+  outage like the others, so the batch waits for the migration (`db.is_transient`).
 - A message that crashed workers before: see `_SUSPECT_DELIVERIES`.
 - SIGTERM: the consumer is cancelled at once, the batch in flight finishes and is
   settled, and closing the channel returns every other message to the queue. Every
@@ -216,6 +218,7 @@ class Worker:
             size=max(2, min(settings.db_pool_size, 4)),
             connect_timeout=settings.db_connect_timeout,
             application_name="cloudapi-images-worker",
+            keep_session_state=True,  # locks are transaction-scoped
         )
         self.metrics.watch_pool(self._pool)
         await self.check_database()

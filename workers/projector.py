@@ -22,11 +22,6 @@ from workers.settlement import Outcome
 
 _QUERIES = db.load_queries("write.sql")
 
-# Payload of one NOTIFY: at most this many UUIDs (37 bytes each with the comma), well
-# under Postgres's 8000-byte payload limit.
-_NOTIFY_CHUNK = 200
-
-
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     outcomes: list[Outcome]
@@ -57,64 +52,73 @@ async def apply_batch(
 ) -> BatchResult:
     """Apply `events` (in arrival order) in one transaction and return each one's outcome.
 
-    `apply_account_event` applies one account event inside the same transaction and
-    returns whether it changed anything.
+    A batch of image events is one statement, `apply_events` (migration 0003), in its
+    own transaction: one round trip. A batch with account events runs in a transaction
+    that takes the writers' lock, applies each account event with `apply_account_event`
+    (which returns whether it changed anything), then calls the same statement.
     """
     first_seen: dict[str, int] = {}
     for index, event in enumerate(events):
         first_seen.setdefault(event.event_id, index)
+    logged = [index for index, event in enumerate(events) if first_seen[event.event_id] == index]
+    winners = _image_winners(events, first_seen)
 
     outcomes: list[Outcome] = [Outcome.STALE] * len(events)
-    changed: list[str] = []
-    async with connection.transaction():
-        await connection.execute(_QUERIES["share_writers_lock"])
-        winners = _image_winners(events, first_seen)
-        if winners:
-            rows = [events[index] for index in sorted(winners.values(), key=lambda i: events[i].image_uuid)]
-            applied = await connection.fetch(
-                _QUERIES["upsert_images"],
-                [event.image_uuid for event in rows],
-                [event.revision for event in rows],
-                [event.owner for event in rows],
-                [event.public for event in rows],
-                [event.state for event in rows],
-                [event.acl_json for event in rows],
-                [event.manifest_json for event in rows],
-                [event.event_id for event in rows],
-                [event.time for event in rows],
-            )
-            changed = [str(row["uuid"]) for row in applied]
-            changed_set = set(changed)
-            for image_uuid, index in winners.items():
-                if image_uuid in changed_set:
+    accounts = [index for index in logged if isinstance(events[index], AccountEvent)]
+    if accounts:
+        if apply_account_event is None:
+            raise AccountEventsUnsupported(events[accounts[0]].type)
+        async with connection.transaction():
+            await connection.execute(_QUERIES["share_writers_lock"])
+            for index in accounts:
+                if await apply_account_event(connection, events[index]):
                     outcomes[index] = Outcome.APPLIED
+            row = await _apply_events(connection, events, winners, logged, outcomes)
+    else:
+        row = await _apply_events(connection, events, winners, logged, outcomes)
 
-        for index, event in enumerate(events):
-            if isinstance(event, AccountEvent) and first_seen[event.event_id] == index:
-                if apply_account_event is None:
-                    raise AccountEventsUnsupported(event.type)
-                if await apply_account_event(connection, event):
-                    outcomes[index] = Outcome.APPLIED
-
-        logged = [index for index, event in enumerate(events) if first_seen[event.event_id] == index]
-        recorded = await connection.fetch(
-            _QUERIES["record_events"],
-            [events[i].event_id for i in logged],
-            [events[i].type for i in logged],
-            [_subject(events[i]) for i in logged],
-            [events[i].revision for i in logged],
-            [events[i].time for i in logged],
-            [_payload(events[i]) for i in logged],
-            [outcomes[i].value for i in logged],
-        )
-        new_ids = {str(row["event_id"]) for row in recorded}
-        for index, event in enumerate(events):
-            if first_seen[event.event_id] != index or event.event_id not in new_ids:
-                outcomes[index] = Outcome.DUPLICATE
-
-        for start in range(0, len(changed), _NOTIFY_CHUNK):
-            await connection.execute(_QUERIES["notify_images_changed"], ",".join(changed[start : start + _NOTIFY_CHUNK]))
+    changed = [str(image_uuid) for image_uuid in row["changed"]]
+    changed_set = set(changed)
+    for image_uuid, index in winners.items():
+        if image_uuid in changed_set:
+            outcomes[index] = Outcome.APPLIED
+    new_ids = {str(event_id) for event_id in row["recorded"]}
+    for index, event in enumerate(events):
+        if first_seen[event.event_id] != index or event.event_id not in new_ids:
+            outcomes[index] = Outcome.DUPLICATE
     return BatchResult(outcomes=outcomes, changed_images=changed)
+
+
+async def _apply_events(
+    connection: asyncpg.Connection,
+    events: Sequence[Event],
+    winners: dict[str, int],
+    logged: list[int],
+    outcomes: list[Outcome],
+) -> asyncpg.Record:
+    rows = [events[index] for index in sorted(winners.values(), key=lambda i: events[i].image_uuid)]
+    winner_set = set(winners.values())
+    return await connection.fetchrow(
+        _QUERIES["apply_events"],
+        [event.image_uuid for event in rows],
+        [event.revision for event in rows],
+        [event.owner for event in rows],
+        [event.public for event in rows],
+        [event.state for event in rows],
+        [event.acl_json for event in rows],
+        [event.manifest_json for event in rows],
+        [event.event_id for event in rows],
+        [event.time for event in rows],
+        [events[i].event_id for i in logged],
+        [events[i].type for i in logged],
+        [_subject(events[i]) for i in logged],
+        [events[i].revision for i in logged],
+        [events[i].time for i in logged],
+        [_payload(events[i]) for i in logged],
+        # The database decides the outcome of image events.
+        [None if isinstance(events[i], ImageEvent) else outcomes[i].value for i in logged],
+        [i in winner_set for i in logged],
+    )
 
 
 def _subject(event: Event) -> str:

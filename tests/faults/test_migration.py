@@ -2,12 +2,13 @@
 
 The migration adds a column to `images` and changes the result type of one cached
 statement on each side: `images.state` becomes varchar (the API's `get_image` returns
-it) and `event_log.event_id` becomes text (the worker's `record_events` returns it).
-Postgres then refuses every prepared copy of those statements once with "cached plan
-must not change result type" (asyncpg's InvalidCachedStatementError). asyncpg prepares
-the statement again and retries by itself outside a transaction, which covers the API;
-inside the worker's transaction it cannot, and the worker retries the batch at once,
-without pausing its consumer.
+it), and `apply_events` is replaced by a function that returns text arrays instead of
+UUID arrays (the worker's `apply_events` statement returns them). Postgres then refuses
+every prepared copy of those statements once with "cached plan must not change result
+type" (asyncpg's InvalidCachedStatementError). asyncpg prepares the statement again and
+retries by itself outside a transaction, which covers the API and the worker's batches
+of image events. A batch with an account event runs in a transaction, where asyncpg
+cannot retry: the worker retries the batch at once, without pausing its consumer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 
 import aiohttp
 import asyncpg
@@ -26,6 +28,7 @@ from service import db
 from service.app import create_app
 from tests.faults.harness import (
     assert_read_model,
+    dead_letters,
     fault_settings,
     fresh_database,
     image_histories,
@@ -35,13 +38,21 @@ from tests.faults.harness import (
     wait_all_logged,
 )
 from tests.helpers import ServiceServer, TestAccount, openssh_public
+from workers.producer import account_event
 
 pytestmark = pytest.mark.faults
 
 TEST_MIGRATION = """
 ALTER TABLE images ADD COLUMN size_bytes bigint;
 ALTER TABLE images ALTER COLUMN state TYPE varchar(64);
-ALTER TABLE event_log ALTER COLUMN event_id TYPE text;
+ALTER FUNCTION apply_events RENAME TO apply_events_before;
+CREATE FUNCTION apply_events(uuid[], bigint[], text[], boolean[], text[], text[], text[], uuid[], timestamptz[],
+                             uuid[], text[], uuid[], bigint[], timestamptz[], text[], text[], boolean[],
+                             OUT changed text[], OUT recorded text[])
+LANGUAGE sql AS $$
+    SELECT changed::text[], recorded::text[]
+    FROM apply_events_before($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+$$;
 """
 
 CACHED_PLAN_ERROR = "cached plan must not change result type"
@@ -67,6 +78,14 @@ async def prepare_on_every_connection(pool: asyncpg.Pool, query: str, *arguments
             await pool.release(connection)
 
 
+async def account_applied(dsn: str, account_uuid: str) -> bool:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return await connection.fetchval("SELECT count(*) FROM accounts WHERE uuid = $1::uuid", account_uuid) == 1
+    finally:
+        await connection.close()
+
+
 @pytest.mark.timeout(120)
 async def test_migration_while_serving(steady_postgres, steady_rabbit):
     dsn = await fresh_database(steady_postgres)
@@ -81,6 +100,7 @@ async def test_migration_while_serving(steady_postgres, steady_rabbit):
     finally:
         await connection.close()
 
+    newcomer = account_event("account.upserted", str(uuid.uuid4()), revision=1, login="newcomer", disabled=False)
     before = image_histories(40, 1)
     after = image_histories(40, 1)
     image_uuids = [event["image_uuid"] for event in before]
@@ -119,7 +139,7 @@ async def test_migration_while_serving(steady_postgres, steady_rabbit):
                     await poll(lambda: len(statuses) >= 100, message="requests before the migration")
                     # Without this, a batch after the migration could run on a connection
                     # that never prepared the statement, and meet no fault.
-                    await prepare_on_every_connection(running.worker._pool, WRITE_QUERIES["record_events"], *([[]] * 7))
+                    await prepare_on_every_connection(running.worker._pool, WRITE_QUERIES["apply_events"], *([[]] * 17))
                     log_offset = steady_postgres.log_path.stat().st_size
                     served_before = len(statuses)
 
@@ -131,6 +151,9 @@ async def test_migration_while_serving(steady_postgres, steady_rabbit):
                         await admin.close()
                     migrated_at = time.monotonic()
 
+                    # First a batch in a transaction (an account event), then image batches.
+                    await publish(settings, [newcomer])
+                    await poll(lambda: account_applied(dsn, newcomer["account_uuid"]), message="the account event")
                     await publish(settings, after)
                     await wait_all_logged(dsn, before + after)
                     await poll(lambda: len(statuses) >= served_before + 200, message="requests after the migration")
@@ -152,7 +175,42 @@ async def test_migration_while_serving(steady_postgres, steady_rabbit):
     refused = [line for line in server_log.splitlines() if CACHED_PLAN_ERROR in line]
     for application in ("cloudapi-images-api", "cloudapi-images-worker"):
         assert any(f" {application} " in line for line in refused), server_log[-2000:]
-    # The worker retried at once: no outage, no pause, readiness true throughout.
+    # The worker retried the account batch at once: no outage, no pause, readiness true throughout.
+    assert [entry for entry in logs if entry["event"] == "statement_cache_invalidated"]
     assert [entry for entry in logs if entry["event"] == "database_unavailable"] == []
     assert [entry for entry in logs if entry["log_level"] in ("error", "critical")] == []
     assert set(readiness) == {200}
+
+
+@pytest.mark.timeout(120)
+async def test_worker_waits_for_missing_migration(steady_postgres, steady_rabbit):
+    """A worker of a new release that starts before the migrations Job finishes holds its
+    events and retries, instead of dead-lettering them."""
+    dsn = await fresh_database(steady_postgres)
+    settings = fault_settings(dsn, steady_rabbit.url())
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute("ALTER FUNCTION apply_events RENAME TO apply_events_later")
+    finally:
+        await admin.close()
+
+    events = image_histories(20, 1)
+    with structlog.testing.capture_logs() as logs:
+        async with in_process_worker(settings) as running:
+            await publish(settings, events)
+            await poll(lambda: running.ready_is(503), message="readiness 503 while the function is missing")
+            unavailable = [entry for entry in logs if entry["event"] == "database_unavailable"]
+            assert unavailable
+            assert "UndefinedFunctionError" in unavailable[0]["error"]
+
+            admin = await asyncpg.connect(dsn)
+            try:
+                await admin.execute("ALTER FUNCTION apply_events_later RENAME TO apply_events")
+            finally:
+                await admin.close()
+            await wait_all_logged(dsn, events)
+            await poll(lambda: running.ready_is(200), message="readiness 200 once the function exists")
+
+    await assert_read_model(dsn, events)
+    assert await dead_letters(settings) == []
+    assert [entry for entry in logs if entry["event"] == "event_rejected"] == []
