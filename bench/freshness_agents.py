@@ -11,9 +11,10 @@ Event k goes at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when it 
 sent. The agent records when it sent each event and when the confirm came back.
 
 `poll` watches the sampled images. From the time an event is due, it sends signed
-GetImage requests for its image until the response shows the event's marker. It waits
-max(min_interval, 10 % of the time spent so far) between polls, so a slow change costs
-few requests.
+GetImage requests for its image until a response shows the event's marker. A new poll
+goes out every max(min_interval, 10 % of the time spent so far), whether or not the
+previous response has arrived, so a slow answer does not delay the next poll and a
+slow change costs few requests.
 Both write a JSON result file. CLOCK_MONOTONIC is shared by all processes of the machine,
 so the orchestrator can subtract one process's times from the other's.
 """
@@ -21,6 +22,7 @@ so the orchestrator can subtract one process's times from the other's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from datetime import UTC, datetime
@@ -127,10 +129,10 @@ async def poll(plan: dict) -> dict:
             start = t0 + sample["scheduled"]
             await asyncio.sleep(max(0.0, start - time.monotonic()))
             marker = sample["marker"].encode()
-            last_negative = None
-            polls = 0
-            errors = 0
-            while True:
+            found = asyncio.Event()
+            state = {"seen": None, "last_negative_sent": None, "polls": 0, "errors": 0}
+
+            async def one_poll() -> None:
                 sent = time.monotonic()
                 try:
                     async with session.get(base + sample["path"], headers=sample["headers"]) as response:
@@ -139,21 +141,29 @@ async def poll(plan: dict) -> dict:
                 except aiohttp.ClientError:
                     status, body = 0, b""
                 received = time.monotonic()
-                polls += 1
+                state["polls"] += 1
                 if status == 200 and marker in body:
-                    seen[sample["index"]] = {"seen": received, "last_negative_sent": last_negative, "polls": polls,
-                                             "errors": errors}
-                    return
-                if status != 200:
-                    errors += 1
-                else:
-                    last_negative = sent
-                waited = received - start
+                    if state["seen"] is None or received < state["seen"]:
+                        state["seen"] = received
+                    found.set()
+                elif status != 200:
+                    state["errors"] += 1
+                elif state["last_negative_sent"] is None or sent > state["last_negative_sent"]:
+                    state["last_negative_sent"] = sent
+
+            # The figure is then late by at most one interval plus the round trip of the
+            # poll that shows the change.
+            in_flight = []
+            while not found.is_set():
+                waited = time.monotonic() - start
                 if waited > timeout:
-                    seen[sample["index"]] = {"seen": None, "last_negative_sent": last_negative, "polls": polls,
-                                             "errors": errors}
-                    return
-                await asyncio.sleep(max(min_interval, waited * 0.10))
+                    break
+                in_flight.append(asyncio.create_task(one_poll()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(min_interval, waited * 0.10)):
+                        await found.wait()
+            await asyncio.gather(*in_flight)
+            seen[sample["index"]] = state
 
         started = time.monotonic()
         await asyncio.gather(*(watch(sample) for sample in plan["samples"]))

@@ -10,8 +10,9 @@ Per repetition, with one API process (the service's defaults) and one worker
   own image, with a new marker in the manifest's tags. The events are encoded and
   checked against the contract before the run, so the agent only sends them;
 - the poller agent watches every 20th event's image with signed GetImage requests (as
-  bench01, which may see every image used) and records the first answer showing the
-  marker. Its requests come on top of wrk's, and the table shows their rate.
+  bench01, which may see every image used), sent on a schedule without waiting for the
+  previous answer, and records the first answer showing the marker. Its requests come
+  on top of wrk's, and the table shows their rate.
 The worker's own lag (its log's `lag_ms`: commit time minus the event's time) splits the
 delay into the worker's share and the API's.
 Freshness is that response's arrival time minus the time the publisher sent the event,
@@ -159,7 +160,7 @@ def _run_once(ctx: Context, rep: int, load_rate: float) -> dict:
                 "result_path": str(config.STATE_DIR / "freshness" / f"publish-{rep}.result.json")})
             poll_plan = _write_json(f"poll-{rep}.json", {
                 **common, "base_url": url, "samples": samples, "min_interval": POLL_MIN_INTERVAL,
-                "timeout": POLL_TIMEOUT, "connections": 32,
+                "timeout": POLL_TIMEOUT, "connections": 64,
                 "result_path": str(config.STATE_DIR / "freshness" / f"poll-{rep}.result.json")})
             poller = group.start(f"poller-r{rep}", [config.PYTHON, "-m", "bench.freshness_agents", "poll", poll_plan])
             publisher = group.start(f"publisher-r{rep}",

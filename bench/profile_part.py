@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import shutil
-import subprocess
 from pathlib import Path
 
 from bench import config, servers, signing, wrk
