@@ -131,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "accounts":
+        import asyncpg
+
         from service.accounts import AccountError
 
         try:
             return asyncio.run(_accounts(settings, args))
         except (AccountError, OSError) as exc:
             print(f"python -m service accounts {args.action}: {exc}", file=sys.stderr)
+            return 1
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as exc:
+            print(f"python -m service accounts {args.action}: failed: the database lacks a migration of this "
+                  f"release ({exc}); run `python -m service migrate` first", file=sys.stderr)
             return 1
 
     from service.app import run

@@ -49,3 +49,33 @@ async def test_two_concurrent_runs_on_a_missing_database():
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def test_accounts_command_without_migration():
+    name = f"cloudapi_migrate_{secrets.token_hex(4)}"
+    dsn = _dsn_for(name)
+    try:
+        status, _ = await _migrate_command(dsn)
+        assert status == 0
+        connection = await asyncpg.connect(dsn)
+        try:
+            await connection.execute("ALTER FUNCTION apply_events RENAME TO apply_events_later")
+        finally:
+            await connection.close()
+
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "accounts", "add", "bob",
+            env={**os.environ, "DATABASE_URL": dsn, "LOG_LEVEL": "warning"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+        message = stderr.decode()
+        assert process.returncode == 1
+        assert "run `python -m service migrate` first" in message
+        assert "Traceback" not in message
+    finally:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
