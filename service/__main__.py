@@ -77,7 +77,11 @@ async def _accounts(settings, args) -> int:
             print(f"{args.login} {account_uuid}")
         elif args.action == "add-key":
             key = await accounts.add_key(connection, args.login, _key_text(args.key), args.name)
-            print(f"added {key.key_type} key {args.name or key.md5_fingerprint} ({key.md5_fingerprint}, {key.sha256_fingerprint})")
+            if args.name:
+                print(f"added {key.key_type} key {args.name} ({key.md5_fingerprint}, {key.sha256_fingerprint})")
+            else:
+                # Unnamed keys are named by their MD5 fingerprint.
+                print(f"added {key.key_type} key {key.md5_fingerprint} ({key.sha256_fingerprint})")
         elif args.action == "remove-key":
             name = await accounts.remove_key(connection, args.login, args.key)
             print(f"removed key {name}")
