@@ -13,7 +13,7 @@ sent. The agent records when it sent each event and when the confirm came back.
 `poll` watches the sampled images. From the time an event is due, it sends signed
 GetImage requests for its image until a response shows the event's marker. A new poll
 goes out every max(min_interval, 10 % of the time spent so far), whether or not the
-previous response has arrived, so a slow answer does not delay the next poll and a
+previous response has arrived, so a slow response does not delay the next poll and a
 slow change costs few requests.
 Both write a JSON result file. CLOCK_MONOTONIC is shared by all processes of the machine,
 so the orchestrator can subtract one process's times from the other's.

@@ -11,7 +11,7 @@ Per repetition, with one API process (the service's defaults) and one worker
   checked against the contract before the run, so the agent only sends them;
 - the poller agent watches every 20th event's image with signed GetImage requests (as
   bench01, which may see every image used), sent on a schedule without waiting for the
-  previous answer, and records the first answer showing the marker. Its requests come
+  previous response, and records the first response showing the marker. Its requests come
   on top of wrk's, and the table shows their rate.
 The worker's own lag (its log's `lag_ms`: commit time minus the event's time) splits the
 delay into the worker's share and the API's.

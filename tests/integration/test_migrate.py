@@ -22,6 +22,14 @@ async def _migrate_command(dsn: str) -> tuple[int, str]:
     return process.returncode, output.decode()
 
 
+async def _drop_database(name: str) -> None:
+    admin = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 async def test_two_concurrent_runs_on_a_missing_database():
     name = f"cloudapi_migrate_{secrets.token_hex(4)}"
     dsn = _dsn_for(name)
@@ -44,11 +52,7 @@ async def test_two_concurrent_runs_on_a_missing_database():
         assert status == 0
         assert '"migrations_current"' in output
     finally:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _drop_database(name)
 
 
 async def test_accounts_command_without_migration():
@@ -74,8 +78,4 @@ async def test_accounts_command_without_migration():
         assert "run `python -m service migrate` first" in message
         assert "Traceback" not in message
     finally:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _drop_database(name)
