@@ -151,8 +151,8 @@ async def poll(plan: dict) -> dict:
                 elif state["last_negative_sent"] is None or sent > state["last_negative_sent"]:
                     state["last_negative_sent"] = sent
 
-            # The figure is then late by at most one interval plus the round trip of the
-            # poll that shows the change.
+            # Polls go out on a schedule, so the figure is late by at most one interval
+            # plus the round trip of the poll that shows the change.
             in_flight = []
             while not found.is_set():
                 waited = time.monotonic() - start

@@ -60,8 +60,8 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """Create a pool; connections are opened lazily, so this succeeds while Postgres is down.
 
-    With `keep_session_state`, a released connection skips asyncpg's reset query (one
-    more round trip each time). Use it only for statements that leave no session state
+    With `keep_session_state`, a released connection skips asyncpg's reset query, which
+    costs a round trip on every release. Use it only for statements that leave no session state
     behind: no session-level advisory locks, LISTEN, SET, prepared cursors or temporary
     tables. An open transaction is still rolled back on release either way.
     """

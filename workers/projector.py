@@ -69,6 +69,7 @@ async def apply_batch(
         if apply_account_event is None:
             raise AccountEventsUnsupported(events[accounts[0]].type)
         async with connection.transaction():
+            # apply_events takes the same shared lock again, which the transaction already holds.
             await connection.execute(_QUERIES["share_writers_lock"])
             for index in accounts:
                 if await apply_account_event(connection, events[index]):
