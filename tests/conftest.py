@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from service import logs
-from service.app import create_app
+from service.app import LISTENER, create_app
 from service.migrate import migrate
 from service.settings import Settings
 from workers.contract import decode
@@ -128,6 +128,9 @@ async def api_server(settings):
     """The API on a free loopback port, shared by the session."""
     server = ServiceServer(create_app(settings), settings)
     await server.start_server()
+    # The caches (images and keys) stay off until the change listener is connected, and
+    # the hot path answers only accounts the key cache holds. Tests expect both on.
+    assert await server.app[LISTENER].wait_connected(10), "the change listener did not connect"
     yield server
     await server.close()
 
