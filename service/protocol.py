@@ -20,8 +20,8 @@ both:
   without an answer.
 
 Written for aiohttp 3.14 (tested with 3.14.5). Besides public API it relies on
-`BaseRunner._make_server`, `Server._kwargs` and `._loop`, `RequestHandler._messages` and
-`._waiter`, and `aiohttp.web_protocol._ErrInfo`. tests/hostile/test_limits.py checks that
+`BaseRunner._make_server`, `Server._kwargs` and `._loop`, `RequestHandler._messages`,
+`._waiter` and `._loop`, and `aiohttp.web_protocol._ErrInfo`. tests/hostile/test_limits.py checks that
 each is still there, so an aiohttp upgrade that moves one fails there first.
 """
 
@@ -190,7 +190,7 @@ class CloudApiRequestHandler(web_protocol.RequestHandler):
 
     def _start_header_timer(self, *, bytes_seen: bool) -> None:
         self._header_bytes_seen = bytes_seen
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._header_deadline = loop.time() + self._header_timeout
         if self._header_timer is None:
             self._header_timer = loop.call_at(self._header_deadline, self._header_timer_expired)
@@ -200,7 +200,7 @@ class CloudApiRequestHandler(web_protocol.RequestHandler):
         deadline = self._header_deadline
         if deadline is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if deadline - loop.time() > _TIMER_SLACK:
             self._header_timer = loop.call_at(deadline, self._header_timer_expired)
             return

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from typing import NamedTuple
 
 from service.auth.keys import SUPPORTED_ALGORITHMS
 from service.errors import InvalidCredentials, InvalidHeader
@@ -35,8 +35,9 @@ _PREFIX = "Authorization header invalid: "
 _LEGACY_ALGORITHMS = frozenset({"rsa-sha1", "rsa-sha256", "rsa-sha512"})
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+# Credentials, RequestView and stage.Caller are made for every request; a NamedTuple is
+# as immutable as a frozen dataclass, and half its cost to build.
+class Credentials(NamedTuple):
     """The claims of a parsed Authorization header, not verified yet."""
 
     key_id: str
@@ -46,8 +47,7 @@ class Credentials:
     legacy: bool
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
+class RequestView(NamedTuple):
     """The parts of an HTTP request a signature can cover."""
 
     method: str

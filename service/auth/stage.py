@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 from aiohttp import web
@@ -32,8 +32,7 @@ KEY_STORE = web.AppKey("key_store", KeyStore)
 VERIFIER = web.AppKey("signature_verifier", Verifier)
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
+class Caller(NamedTuple):
     """The authenticated account of a request."""
 
     uuid: str

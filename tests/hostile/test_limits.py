@@ -382,7 +382,7 @@ async def test_aiohttp_internals_used_by_protocol_exist():
         handler_slots.update(getattr(cls, "__slots__", ()))
 
     assert (err_info.status, err_info.message) == (408, "t")
-    assert {"_messages", "_waiter"} <= handler_slots
+    assert {"_messages", "_waiter", "_loop"} <= handler_slots
     assert "_make_server" in vars(web.AppRunner)
     assert list(inspect.signature(web_protocol.RequestHandler.handle_error).parameters) == ["self", "request", "status", "exc", "message"]
     assert {"_kwargs", "_loop"} <= set(vars(web.Server(lambda request: None)))
