@@ -6,7 +6,8 @@ resident, most of it `cryptography`), and exits when its input ends.
 
 A message is a 4-byte big-endian length and a marshal-encoded list. Requests are
 (number, OpenSSH key text, algorithm, signature, signing string); replies are
-(number, True | False | None), None meaning the helper could not check it.
+(number, True | False | None), None meaning the helper could not check it. The helper
+replies to a request message in order, in messages of up to `REPLY_CHUNK` replies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from service.auth.keys import InvalidKey, PublicKey, parse_public_key
 LENGTH = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024 * 1024
 _KEPT_KEYS = 4096  # parsed keys kept. When full, the helper clears them.
+# Maximum replies in one message. The API process writes the responses of each reply
+# message while the helper checks the rest (see `service.auth.helper.SEND_CHUNK`).
+REPLY_CHUNK = 8
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
@@ -78,8 +82,16 @@ def serve(reader: int = 0, writer: int = 1) -> None:
             except Exception:
                 outcome = None
             replies.append((number, outcome))
-        message = marshal.dumps(replies)
-        _write_all(writer, LENGTH.pack(len(message)) + message)
+            if len(replies) == REPLY_CHUNK:
+                _reply(writer, replies)
+                replies = []
+        if replies:
+            _reply(writer, replies)
+
+
+def _reply(writer: int, replies: list) -> None:
+    message = marshal.dumps(replies)
+    _write_all(writer, LENGTH.pack(len(message)) + message)
 
 
 if __name__ == "__main__":

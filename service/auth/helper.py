@@ -9,9 +9,11 @@ every few milliseconds. Requests waited about 4.5 ms for their check
 (docs/benchmarks.md, "Where the signature check runs").
 
 A helper process shares no GIL with the event loop. `HelperVerifier` starts one,
-`python -m service.auth.checker`, and talks to it over a socket pair. Every check asked
-for during one pass of the event loop goes over in one message. The helper checks them
-all and replies in one message, so a busy process pays one write and one read per batch.
+`python -m service.auth.checker`, and talks to it over a socket pair. The checks asked
+for during one pass of the event loop go over in messages of up to `SEND_CHUNK`, and
+the helper replies after every `checker.REPLY_CHUNK` checks. So a busy process pays one
+write and one read per few checks, and writes the first responses while the helper
+still checks the rest.
 
 The helper only ever receives public keys, signatures and signing strings. It exits when
 its socket closes, so it never outlives the API process, even one killed with SIGKILL.
@@ -40,6 +42,12 @@ _STABLE = 60.0  # seconds a helper runs before the delays start over
 # is replaced. A batch of a thousand RSA-2048 checks takes 20 to 40 ms (an estimate
 # from single checks).
 _REPLY_TIMEOUT = 2.0
+# Maximum checks in one message to the helper. One pass of the event loop over 64 busy
+# connections can request 30 checks or more. Sent as one message, they reach the helper
+# only when the pass ends, and the loop then idles until the whole batch is checked.
+# Messages of 16 and replies of `checker.REPLY_CHUNK` keep both processes busy
+# (docs/benchmarks.md, "Where the signature check runs").
+SEND_CHUNK = 16
 
 
 class HelperVerifier(asyncio.Protocol):
@@ -82,8 +90,11 @@ class HelperVerifier(asyncio.Protocol):
             self.checked_in_place += 1
             future.set_result(key.verify(algorithm, signature, data))
             return future
-        self._queued.append((future, key, algorithm, signature, data))
-        if not self._flush_scheduled:
+        queued = self._queued
+        queued.append((future, key, algorithm, signature, data))
+        if len(queued) >= SEND_CHUNK:
+            self._send_queued()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return future
@@ -123,7 +134,12 @@ class HelperVerifier(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._send_queued()
+
+    def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
+        if not queued:
+            return
         if self._transport is None:
             self._check_in_place(queued)
             return

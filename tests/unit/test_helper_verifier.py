@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import marshal
 import os
 import signal
 import sys
@@ -12,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from service.auth import helper as helper_module
 from service.auth.keys import parse_public_key
-from service.auth.helper import HelperVerifier
+from service.auth.checker import LENGTH, REPLY_CHUNK, serve
+from service.auth.helper import SEND_CHUNK, HelperVerifier
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ED_KEY = ed25519.Ed25519PrivateKey.generate()
@@ -68,6 +70,78 @@ async def test_helper_batch_results_match(verifier):
 
     assert results == [valid for *_, valid in cases]
     assert verifier.checked_in_place == 0
+
+
+class _RecordingTransport:
+    """A transport in place of the helper's socket, which decodes and keeps each message written."""
+
+    def __init__(self):
+        self.messages = []
+
+    def write(self, data):
+        (size,) = LENGTH.unpack_from(data)
+        assert len(data) == LENGTH.size + size
+        self.messages.append(marshal.loads(data[LENGTH.size :]))
+
+
+async def test_helper_requests_go_in_chunks():
+    # Full messages go at once, so the helper starts before the pass ends. The rest
+    # go at the end of the pass.
+    verifier = HelperVerifier(asyncio.get_running_loop())
+    transport = _RecordingTransport()
+    verifier.connection_made(transport)
+    cases = _cases(2 * SEND_CHUNK + 5)
+
+    futures = [verifier.verify(key, algorithm, signature, data) for key, algorithm, signature, data, _ in cases]
+    sent_during_pass = [len(message) for message in transport.messages]
+    await asyncio.sleep(0)
+
+    assert sent_during_pass == [SEND_CHUNK, SEND_CHUNK]
+    assert [len(message) for message in transport.messages] == [SEND_CHUNK, SEND_CHUNK, 5]
+    numbers = [request[0] for message in transport.messages for request in message]
+    assert numbers == list(range(len(cases)))
+    # Two reply messages, the second split over two reads, resolve every future.
+    first = marshal.dumps([(number, True) for number in numbers[:10]])
+    second = marshal.dumps([(number, False) for number in numbers[10:]])
+    stream = LENGTH.pack(len(first)) + first + LENGTH.pack(len(second)) + second
+    verifier.data_received(stream[:-7])
+    verifier.data_received(stream[-7:])
+    assert [future.result() for future in futures] == [True] * 10 + [False] * (len(cases) - 10)
+    verifier._disconnect()
+
+
+def test_checker_replies_in_chunks():
+    cases = _cases(2 * REPLY_CHUNK + 3)
+    requests = [
+        (number, key.openssh, algorithm, signature, data)
+        for number, (key, algorithm, signature, data, _) in enumerate(cases)
+    ]
+    payload = marshal.dumps(requests)
+    to_helper_read, to_helper_write = os.pipe()
+    from_helper_read, from_helper_write = os.pipe()
+    os.write(to_helper_write, LENGTH.pack(len(payload)) + payload)
+    os.close(to_helper_write)  # the helper returns once its input ends
+
+    # serve() ignores SIGINT and SIGTERM, as the helper must, so restore this process's handlers.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve(to_helper_read, from_helper_write)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    os.close(to_helper_read)
+    os.close(from_helper_write)
+    with os.fdopen(from_helper_read, "rb") as replies_file:
+        stream = replies_file.read()
+
+    messages = []
+    while stream:
+        (size,) = LENGTH.unpack_from(stream)
+        messages.append(marshal.loads(stream[LENGTH.size : LENGTH.size + size]))
+        stream = stream[LENGTH.size + size :]
+    assert [len(message) for message in messages] == [REPLY_CHUNK, REPLY_CHUNK, 3]
+    replies = [reply for message in messages for reply in message]
+    assert replies == [(number, valid) for number, (*_, valid) in enumerate(cases)]
 
 
 async def test_helper_checks_one_at_a_time(verifier):
@@ -150,7 +224,8 @@ async def test_helper_unreadable_key_checked_in_place(verifier):
 
 _OWNER = """
 import asyncio, sys
-from service.auth.helper import HelperVerifier
+from service.auth.checker import LENGTH, REPLY_CHUNK, serve
+from service.auth.helper import SEND_CHUNK, HelperVerifier
 
 async def main():
     verifier = await HelperVerifier.start()
