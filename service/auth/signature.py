@@ -35,7 +35,7 @@ _PREFIX = "Authorization header invalid: "
 _LEGACY_ALGORITHMS = frozenset({"rsa-sha1", "rsa-sha256", "rsa-sha512"})
 
 
-# Credentials, RequestView and stage.Caller are made for every request; a NamedTuple is
+# Credentials, RequestView and stage.Caller are built for every request. A NamedTuple is
 # as immutable as a frozen dataclass, and half its cost to build.
 class Credentials(NamedTuple):
     """The claims of a parsed Authorization header, not verified yet."""
