@@ -129,7 +129,7 @@ async def api_server(settings):
     server = ServiceServer(create_app(settings), settings)
     await server.start_server()
     # The caches (images and keys) stay off until the change listener is connected, and
-    # the hot path handles only accounts the key cache holds. Tests expect both on.
+    # the hot path handles only accounts the key cache contains. Tests expect both on.
     assert await server.app[LISTENER].wait_connected(10), "the change listener did not connect"
     yield server
     await server.close()

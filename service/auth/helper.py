@@ -42,11 +42,9 @@ _STABLE = 60.0  # seconds a helper runs before the delays start over
 # is replaced. A batch of a thousand RSA-2048 checks takes 20 to 40 ms (an estimate
 # from single checks).
 _REPLY_TIMEOUT = 2.0
-# Maximum checks in one message to the helper. One pass of the event loop over 64 busy
-# connections can request 30 checks or more. Sent as one message, they reach the helper
-# only when the pass ends, and the loop then idles until the whole batch is checked.
-# Messages of 16 and replies of `checker.REPLY_CHUNK` keep both processes busy
-# (docs/benchmarks.md, "Where the signature check runs").
+# Maximum checks in one message to the helper. Sent in one message at the end of a loop
+# pass, a pass's checks left the loop idle until the helper had checked them all, so
+# full messages go at once (docs/benchmarks.md, "Where the signature check runs").
 SEND_CHUNK = 16
 
 
