@@ -54,19 +54,14 @@ def run(ctx: Context) -> None:
     results = ctx.results
     url = f"http://127.0.0.1:{ctx.port}"
     for rep in range(ctx.runs):
-        cover_file = None
         for label, env in SETTINGS:
-            # Both settings of a repetition share one coverage file while its Dates stay
-            # valid: they run in separate processes, so no signature repeats within one.
-            pass_seconds = len(images) / ctx.rates.get(("service", 1), 1000.0) * 1.5 + 60
-            if cover_file is None or cover_file.remaining() < pass_seconds:
-                cover_file = signing.generate_coverage(ctx.accounts, ctx.visible, images, f"memory-cover-{rep}",
-                                                       ctx.next_seed())
-            wanted = int(ctx.rates.get(("service", 1), 4000.0) * 2.5
-                         * (ctx.profile.http_seconds + 2)) + 2000
-            load_file = signing.generate(ctx.accounts, ctx.visible, wanted, f"memory-load-{rep}", ctx.next_seed())
-            print(f"  {label}, repetition {rep + 1}: {cover_file.count:,} coverage requests, "
-                  f"signed {load_file.count:,} load requests in {load_file.seconds:.1f} s", flush=True)
+            # Each file is signed right before its run, so its Dates stay inside the clock
+            # skew window however slow the machine. On a slow machine, signing the load file
+            # took 90 s, and a coverage file signed before it expired during the pass.
+            cover_file = signing.generate_coverage(ctx.accounts, ctx.visible, images, f"memory-cover-{rep}",
+                                                   ctx.next_seed())
+            print(f"  {label}, repetition {rep + 1}: signed {cover_file.count:,} coverage requests "
+                  f"in {cover_file.seconds:.1f} s", flush=True)
             group = ProcessGroup()
             tag = f"-{'default' if not env else 'all'}-r{rep}"
             try:
@@ -75,6 +70,11 @@ def run(ctx: Context) -> None:
                 after_start = memory_kib(pid)
                 coverage = _cover(ctx, url, cover_file, tag)
                 after_cover = memory_kib(pid)
+                # Signed while the service waits: the load run measures the process as the pass left it.
+                load_count = int(ctx.rates.get(("service", 1), 4000.0) * 2.5 * (ctx.profile.http_seconds + 2)) + 2000
+                load_file = signing.generate(ctx.accounts, ctx.visible, load_count, f"memory-load-{rep}",
+                                             ctx.next_seed())
+                print(f"    signed {load_file.count:,} load requests in {load_file.seconds:.1f} s", flush=True)
                 figures = wrk.run(url, str(load_file.path), ctx.profile.http_seconds, log_name=f"memory-load{tag}")
                 after_load = memory_kib(pid)
                 helpers = [memory_kib(helper) for helper in servers.helper_pids(pid)]
