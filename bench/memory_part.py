@@ -71,7 +71,9 @@ def run(ctx: Context) -> None:
                 coverage = _cover(ctx, url, cover_file, tag)
                 after_cover = memory_kib(pid)
                 # Signed while the service waits: the load run measures the process as the pass left it.
-                load_count = int(ctx.rates.get(("service", 1), 4000.0) * 2.5 * (ctx.profile.http_seconds + 2)) + 2000
+                # Without the HTTP part's rate, the pass's own rate sizes the file.
+                rate = max(ctx.rates.get(("service", 1), 0.0), coverage["sent"] / max(coverage["seconds"], 1.0), 4000.0)
+                load_count = int(rate * 2.5 * (ctx.profile.http_seconds + 2)) + 2000
                 load_file = signing.generate(ctx.accounts, ctx.visible, load_count, f"memory-load-{rep}",
                                              ctx.next_seed())
                 print(f"    signed {load_file.count:,} load requests in {load_file.seconds:.1f} s", flush=True)
