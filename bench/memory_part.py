@@ -55,8 +55,8 @@ def run(ctx: Context) -> None:
     url = f"http://127.0.0.1:{ctx.port}"
     for rep in range(ctx.runs):
         for label, env in SETTINGS:
-            # Each file is signed right before its run, so its Dates stay inside the clock
-            # skew window however slow the machine. On a slow machine, signing the load file
+            # Each file is signed right before its run, so that its Dates stay inside the
+            # clock skew window on a slow machine too. There, signing the load file
             # took 90 s, and a coverage file signed before it expired during the pass.
             cover_file = signing.generate_coverage(ctx.accounts, ctx.visible, images, f"memory-cover-{rep}",
                                                    ctx.next_seed())
