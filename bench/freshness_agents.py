@@ -14,7 +14,7 @@ sent. The agent records when it sent each event and when the confirm came back.
 GetImage requests for its image until a response shows the event's marker. A new poll
 goes out every max(min_interval, 10 % of the time spent so far), whether or not the
 previous response has arrived, so a slow response does not delay the next poll and a
-slow change costs few requests. At most two polls of an image wait for an answer at
+slow change costs few requests. At most two polls of an image wait for a response at
 once, so an overloaded API does not get ever more polls.
 Both write a JSON result file. CLOCK_MONOTONIC is shared by all processes of the machine,
 so the orchestrator can subtract one process's times from the other's.
@@ -42,7 +42,7 @@ from workers import topology
 # the real time in its place when it sends the event.
 TIME_PLACEHOLDER = "2000-01-01T00:00:00.000Z"
 
-# Polls of one image that may wait for an answer at the same time (see `poll`).
+# Polls of one image that may wait for a response at the same time (see `poll`).
 MAX_POLLS_IN_FLIGHT = 2
 
 
@@ -156,10 +156,10 @@ async def poll(plan: dict) -> dict:
                     state["last_negative_sent"] = sent
 
             # Polls go out on a schedule, so the figure is late by at most one interval
-            # plus the round trip of the poll that shows the change. When answers are
+            # plus the round trip of the poll that shows the change. When responses are
             # slower than the schedule, a new poll waits until fewer than
-            # MAX_POLLS_IN_FLIGHT of this image's are out: more would only queue here for
-            # a connection and load the API the figure measures.
+            # MAX_POLLS_IN_FLIGHT of this image's are out, because more would only add
+            # load to the API that the figure measures.
             in_flight = []
             while not found.is_set():
                 waited = time.monotonic() - start

@@ -1,6 +1,6 @@
 """The poller agent of the benchmark's freshness part keeps polling an image on a
-schedule, but never has more than `MAX_POLLS_IN_FLIGHT` of its polls waiting for an
-answer, so a slow API does not get ever more polls."""
+schedule, but never has more than `MAX_POLLS_IN_FLIGHT` of its polls waiting for a
+response, so a slow API does not get ever more polls."""
 
 import asyncio
 import time
@@ -9,11 +9,11 @@ from aiohttp import web
 
 from bench.freshness_agents import MAX_POLLS_IN_FLIGHT, poll
 
-ANSWER_DELAY = 0.05  # seconds the server takes to answer: five poll intervals
-SHOWN_AFTER = 0.3  # seconds after the first poll from which answers show the marker
+RESPONSE_DELAY = 0.05  # seconds the server takes to respond: five poll intervals
+MARKER_AFTER = 0.3  # seconds after the first poll from which responses contain the marker
 
 
-async def test_slow_answers_limit_polls_in_flight():
+async def test_slow_responses_limit_polls():
     in_flight = 0
     max_in_flight = 0
     first_poll = None
@@ -24,9 +24,9 @@ async def test_slow_answers_limit_polls_in_flight():
         in_flight += 1
         max_in_flight = max(max_in_flight, in_flight)
         try:
-            await asyncio.sleep(ANSWER_DELAY)
-            shown = time.monotonic() - first_poll >= SHOWN_AFTER
-            return web.json_response({"tags": {"marker": "m-1" if shown else "m-0"}})
+            await asyncio.sleep(RESPONSE_DELAY)
+            changed = time.monotonic() - first_poll >= MARKER_AFTER
+            return web.json_response({"tags": {"marker": "m-1" if changed else "m-0"}})
         finally:
             in_flight -= 1
 
@@ -55,5 +55,5 @@ async def test_slow_answers_limit_polls_in_flight():
     assert sample["seen"] is not None
     assert sample["errors"] == 0
     assert sample["last_negative_sent"] is not None
-    # Without the limit, a poll every 10 ms with answers taking 50 ms keeps about 5 out.
+    # Without the limit, a poll every 10 ms with responses taking 50 ms keeps about 5 out.
     assert max_in_flight == MAX_POLLS_IN_FLIGHT
