@@ -14,8 +14,8 @@ sent. The agent records when it sent each event and when the confirm came back.
 GetImage requests for its image until a response shows the event's marker. A new poll
 goes out every max(min_interval, 10 % of the time spent so far), whether or not the
 previous response has arrived, so a slow response does not delay the next poll and a
-slow change costs few requests. At most two polls of an image wait for a response at
-once, so an overloaded API does not get ever more polls.
+slow change costs few requests. A poll that falls due while two of its image's are
+still out is skipped, so an overloaded API does not get ever more polls.
 Both write a JSON result file. CLOCK_MONOTONIC is shared by all processes of the machine,
 so the orchestrator can subtract one process's times from the other's.
 """
@@ -156,10 +156,9 @@ async def poll(plan: dict) -> dict:
                     state["last_negative_sent"] = sent
 
             # Polls go out on a schedule, so the figure is late by at most one interval
-            # plus the round trip of the poll that shows the change. When responses are
-            # slower than the schedule, a new poll waits until fewer than
-            # MAX_POLLS_IN_FLIGHT of this image's are out, because more would only add
-            # load to the API that the figure measures.
+            # plus the round trip of the poll that shows the change. A poll that falls due
+            # while MAX_POLLS_IN_FLIGHT are out is skipped, because it would only add load
+            # to the API that the figure measures.
             in_flight = []
             while not found.is_set():
                 waited = time.monotonic() - start

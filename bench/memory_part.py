@@ -70,8 +70,8 @@ def run(ctx: Context) -> None:
                 after_start = memory_kib(pid)
                 coverage = _cover(ctx, url, cover_file, tag)
                 after_cover = memory_kib(pid)
-                # Signed while the service waits: the load run measures the process as the pass left it.
-                # Without the HTTP part's rate, the pass's own rate sizes the file.
+                # Signed while the service waits, so the load run finds the process as the pass
+                # left it. The pass's own rate sizes the file when the HTTP part did not run.
                 rate = max(ctx.rates.get(("service", 1), 0.0), coverage["sent"] / max(coverage["seconds"], 1.0), 4000.0)
                 load_count = int(rate * 2.5 * (ctx.profile.http_seconds + 2)) + 2000
                 load_file = signing.generate(ctx.accounts, ctx.visible, load_count, f"memory-load-{rep}",
