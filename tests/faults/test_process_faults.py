@@ -227,17 +227,23 @@ async def test_crashing_message_reaches_delivery_limit(steady_postgres, steady_r
 
 
 async def _exit_or_dead_letter(worker: WorkerProcess, settings) -> bool:
-    """Wait until the worker exits (True) or the dead-letter queue holds a message while
-    the worker still runs (False)."""
+    """Wait until the worker crashes and exits (True), or until the dead-letter queue
+    holds a message while the worker runs without having crashed (False)."""
 
     async def settled():
         if not worker.running():
             return "exited"
         if await ready_count(settings, settings.dead_letter_queue):
-            return "dead-lettered"
+            # The kernel closes a crashing process's sockets before the process can be
+            # reaped, so the broker may dead-letter the message first. The crash hook
+            # writes its log line before it exits.
+            return "exited" if worker.logged("test_crash") else "dead-lettered"
         return None
 
-    return await poll(settled, timeout=30, interval=0.1, message="a crash or a dead letter") == "exited"
+    outcome = await poll(settled, timeout=30, interval=0.1, message="a crash or a dead letter")
+    if outcome == "exited":
+        await worker.wait(timeout=10)
+    return outcome == "exited"
 
 
 @pytest.mark.timeout(120)
