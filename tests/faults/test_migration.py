@@ -198,6 +198,11 @@ async def test_worker_waits_for_missing_migration(steady_postgres, steady_rabbit
     with structlog.testing.capture_logs() as logs:
         async with in_process_worker(settings) as running:
             await publish(settings, events)
+            # Readiness is 503 while the worker starts too, so the log line comes first.
+            await poll(
+                lambda: any(entry["event"] == "database_unavailable" for entry in logs),
+                message="database_unavailable logged while the function is missing",
+            )
             await poll(lambda: running.ready_is(503), message="readiness 503 while the function is missing")
             unavailable = [entry for entry in logs if entry["event"] == "database_unavailable"]
             assert unavailable

@@ -228,7 +228,7 @@ async def test_crashing_message_reaches_delivery_limit(steady_postgres, steady_r
 
 async def _exit_or_dead_letter(worker: WorkerProcess, settings) -> bool:
     """Wait until the worker crashes and exits (True), or until the dead-letter queue
-    holds a message while the worker runs without having crashed (False)."""
+    contains a message while the worker runs without having crashed (False)."""
 
     async def settled():
         if not worker.running():
