@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                              "there either (adds minutes of signing)")
     parser.add_argument("--freshness-load", type=float, default=0.5,
                         help="HTTP load of the freshness part, as a fraction of the service's 1-process peak (default 0.5)")
+    parser.add_argument("--freshness-rate", type=_positive_rate,
+                        help="HTTP load of the freshness part in requests/s, instead of a fraction of the peak, "
+                             "to compare runs at the same load")
     parser.add_argument("--reset-data", action="store_true", help="reload the 100,000 images of the bench database")
     return parser
 
@@ -51,6 +54,17 @@ def _process_counts(text: str) -> tuple[int, ...]:
     if any(count < 1 for count in counts):
         raise argparse.ArgumentTypeError(f"invalid process counts {text!r}: each must be at least 1")
     return counts
+
+
+def _positive_rate(text: str) -> float:
+    """Parse --freshness-rate: requests per second, above zero."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not 0 < rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected requests per second above 0, such as 8000")
+    return rate
 
 
 def _machine() -> str:
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         accounts = dataset.prepare(reset=args.reset_data)
         ctx = Context(profile=profile, runs=runs, port=args.port, worker_port=args.worker_port, accounts=accounts,
                       visible=dataset.visibility(), results=results, unique_baselines=args.unique_baselines,
-                      freshness_load=args.freshness_load,
+                      freshness_load=args.freshness_load, freshness_rate=args.freshness_rate,
                       process_counts=args.processes)
         asyncio.run(dataset.vacuum())
         try:

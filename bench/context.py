@@ -21,6 +21,7 @@ class Context:
     results: Results
     unique_baselines: bool
     freshness_load: float = 0.5  # HTTP load of the freshness part, as a fraction of the service's peak
+    freshness_rate: float | None = None  # that load in requests/s, when given instead of the fraction
     process_counts: tuple[int, ...] = (1, 2)
     # Highest requests/s seen per (kind, processes); sizes the next request file.
     rates: dict[tuple[str, int], float] = field(default_factory=dict)

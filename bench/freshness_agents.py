@@ -46,6 +46,31 @@ TIME_PLACEHOLDER = "2000-01-01T00:00:00.000Z"
 MAX_POLLS_IN_FLIGHT = 2
 
 
+# The shortest pause between two sends. uvloop's call_later rounds the delay to whole
+# milliseconds and runs a delay of 0 at once, so a pause under 0.5 ms does not pause.
+# With a floor of 0.5 ms the publisher spun until each event fell due. At 1,000 events/s
+# it used 0.35 of a core, against 0.19 with this floor (alone on the machine).
+MIN_PAUSE = 0.001
+
+
+async def pace(count: int, rate: float, t0: float, start) -> int:
+    """Call `start(k)` for k in 0..count-1, in order, each at `t0 + k / rate` on
+    CLOCK_MONOTONIC or soon after. Events that fall due during one pause start together
+    after it. Return the number of pauses."""
+    sent = 0
+    pauses = 0
+    while sent < count:
+        now = time.monotonic()
+        due = min(count, int((now - t0) * rate) + 1) if now >= t0 else 0
+        while sent < due:
+            start(sent)
+            sent += 1
+        if sent < count:
+            pauses += 1
+            await asyncio.sleep(max(MIN_PAUSE, t0 + sent / rate - time.monotonic()))
+    return pauses
+
+
 def _split(line: bytes) -> tuple[bytes, bytes, str, str]:
     """Return (body before the time, body after it, event id, type) of one event line."""
     event = orjson.loads(line)
@@ -94,15 +119,7 @@ async def publish(plan: dict) -> dict:
             confirmed[index] = time.monotonic()
 
         tasks = []
-        sent = 0
-        while sent < len(events):
-            now = time.monotonic()
-            due = min(len(events), int((now - t0) * rate) + 1) if now >= t0 else 0
-            while sent < due:
-                tasks.append(asyncio.create_task(send(sent)))
-                sent += 1
-            next_due = t0 + sent / rate
-            await asyncio.sleep(max(0.0005, next_due - time.monotonic()))
+        await pace(len(events), rate, t0, lambda index: tasks.append(asyncio.create_task(send(index))))
         await asyncio.gather(*tasks)
     finally:
         await connection.close()

@@ -222,10 +222,15 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def run(ctx: Context) -> None:
     profile = ctx.profile
-    peak = _peak(ctx)
-    load_rate = peak * ctx.freshness_load
+    if ctx.freshness_rate is not None:
+        load_rate = ctx.freshness_rate
+        source = "--freshness-rate"
+    else:
+        peak = _peak(ctx)
+        load_rate = peak * ctx.freshness_load
+        source = f"{ctx.freshness_load:g} of {peak:,.0f}"
     print(f"== freshness: {profile.freshness_rate} events/s for {profile.freshness_seconds} s, HTTP load held at "
-          f"{load_rate:,.0f} req/s ({ctx.freshness_load:g} of {peak:,.0f}), {ctx.runs} repetitions", flush=True)
+          f"{load_rate:,.0f} req/s ({source}), {ctx.runs} repetitions", flush=True)
     results = ctx.results
 
     for rep in range(ctx.runs):
