@@ -36,11 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unique-baselines", action="store_true",
                         help="sign a file large enough for each baseline run too, so no signature repeats "
                              "there either (adds minutes of signing)")
-    parser.add_argument("--freshness-load", type=float, default=0.5,
-                        help="HTTP load of the freshness part, as a fraction of the service's 1-process peak (default 0.5)")
-    parser.add_argument("--freshness-rate", type=_positive_rate,
-                        help="HTTP load of the freshness part in requests/s, instead of a fraction of the peak, "
-                             "to compare runs at the same load")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--freshness-load", type=_load_fraction,
+                      help="HTTP load of the freshness part, as a fraction of the service's 1-process peak, "
+                           "above 0 and at most 1 (default 0.5)")
+    load.add_argument("--freshness-rate", type=_positive_rate,
+                      help="HTTP load of the freshness part in requests/s, at least 1, instead of a fraction "
+                           "of the peak, to compare runs at the same load")
     parser.add_argument("--reset-data", action="store_true", help="reload the 100,000 images of the bench database")
     return parser
 
@@ -57,14 +59,25 @@ def _process_counts(text: str) -> tuple[int, ...]:
 
 
 def _positive_rate(text: str) -> float:
-    """Parse --freshness-rate: requests per second, above zero."""
+    """Parse --freshness-rate: requests per second, at least 1."""
     try:
         rate = float(text)
     except ValueError:
         rate = 0.0
-    if not 0 < rate < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected requests per second above 0, such as 8000")
+    if not 1 <= rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected requests per second, at least 1, such as 8000")
     return rate
+
+
+def _load_fraction(text: str) -> float:
+    """Parse --freshness-load: a fraction of the peak, above 0 and at most 1."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = 0.0
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: expected a number above 0 and at most 1, such as 0.5")
+    return fraction
 
 
 def _machine() -> str:
@@ -91,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/run: --runs must be at least 1", file=sys.stderr)
         return 2
     parts = args.part or list(PARTS)
+    if (args.freshness_load is not None or args.freshness_rate is not None) and "freshness" not in parts:
+        print("bench/run: --freshness-load and --freshness-rate apply to the freshness part only; "
+              "add --part freshness or leave them out", file=sys.stderr)
+        return 2
     command = "bench/run " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
     results = report.Results()
     print(f"{command}\nmachine: {_machine()}\nprofile: {profile.name}, {runs} repetition(s)", flush=True)
@@ -103,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         accounts = dataset.prepare(reset=args.reset_data)
         ctx = Context(profile=profile, runs=runs, port=args.port, worker_port=args.worker_port, accounts=accounts,
                       visible=dataset.visibility(), results=results, unique_baselines=args.unique_baselines,
-                      freshness_load=args.freshness_load, freshness_rate=args.freshness_rate,
+                      freshness_load=0.5 if args.freshness_load is None else args.freshness_load,
+                      freshness_rate=args.freshness_rate,
                       process_counts=args.processes)
         asyncio.run(dataset.vacuum())
         try:

@@ -22,3 +22,37 @@ def test_bad_process_counts_rejected(text, capsys):
 def test_runs_below_one_rejected(runs, capsys):
     assert main(["--runs", runs, "--quick"]) == 2
     assert "--runs must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "2", "inf", "nan", "abc"])
+def test_bad_freshness_load_rejected(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["--freshness-load", text])
+    assert exit_info.value.code == 2
+    assert "invalid fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["0", "0.5", "-5", "inf", "nan", "abc"])
+def test_bad_freshness_rate_rejected(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["--freshness-rate", text])
+    assert exit_info.value.code == 2
+    assert "invalid rate" in capsys.readouterr().err
+
+
+def test_freshness_load_and_rate_exclusive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["--freshness-load", "0.5", "--freshness-rate", "8000"])
+    assert exit_info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_freshness_options_need_freshness_part(capsys):
+    assert main(["--part", "http", "--freshness-rate", "8000"]) == 2
+    assert "apply to the freshness part only" in capsys.readouterr().err
+
+
+def test_freshness_options_parsed():
+    assert _parser().parse_args(["--freshness-load", "0.25"]).freshness_load == 0.25
+    assert _parser().parse_args(["--freshness-rate", "8000"]).freshness_rate == 8000.0
+    assert _parser().parse_args([]).freshness_load is None
