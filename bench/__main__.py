@@ -58,26 +58,26 @@ def _process_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
-def _positive_rate(text: str) -> float:
-    """Parse --freshness-rate: requests per second, at least 1."""
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = 0.0
-    if not 1 <= rate < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected requests per second, at least 1, such as 8000")
-    return rate
+def _bounded_number(kind: str, accepts, expected: str):
+    """Return an argparse type that parses a number and rejects it unless `accepts(number)`."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if not accepts(number):
+            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: expected {expected}")
+        return number
+
+    return parse
 
 
-def _load_fraction(text: str) -> float:
-    """Parse --freshness-load: a fraction of the peak, above 0 and at most 1."""
-    try:
-        fraction = float(text)
-    except ValueError:
-        fraction = 0.0
-    if not 0 < fraction <= 1:
-        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: expected a number above 0 and at most 1, such as 0.5")
-    return fraction
+# --freshness-rate: requests per second. --freshness-load: a fraction of the peak.
+_positive_rate = _bounded_number("rate", lambda rate: 1 <= rate < float("inf"),
+                                 "requests per second, at least 1, such as 8000")
+_load_fraction = _bounded_number("fraction", lambda fraction: 0 < fraction <= 1,
+                                 "a number above 0 and at most 1, such as 0.5")
 
 
 def _machine() -> str:

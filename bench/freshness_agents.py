@@ -128,7 +128,7 @@ async def publish(plan: dict) -> dict:
 
         # With every task of the run kept, sends stalled by up to 97 ms late in a run,
         # probably in full collections, which scan every live object. So finished tasks
-        # are dropped and the loaded events are frozen out of collection. The longest
+        # are dropped and the loaded events are frozen out of collection. The maximum
         # delay of a send fell to 2 ms.
         gc.collect()
         gc.freeze()
