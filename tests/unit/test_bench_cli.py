@@ -24,20 +24,17 @@ def test_runs_below_one_rejected(runs, capsys):
     assert "--runs must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "2", "inf", "nan", "abc"])
-def test_bad_freshness_load_rejected(text, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _parser().parse_args(["--freshness-load", text])
-    assert exit_info.value.code == 2
-    assert "invalid fraction" in capsys.readouterr().err
+BAD_FRESHNESS_NUMBERS = [("--freshness-load", text, "invalid fraction") for text in ["0", "-1", "2", "inf", "nan", "abc"]] + [
+    ("--freshness-rate", text, "invalid rate") for text in ["0", "0.5", "-5", "inf", "nan", "abc"]
+]
 
 
-@pytest.mark.parametrize("text", ["0", "0.5", "-5", "inf", "nan", "abc"])
-def test_bad_freshness_rate_rejected(text, capsys):
+@pytest.mark.parametrize(("option", "text", "message"), BAD_FRESHNESS_NUMBERS)
+def test_bad_freshness_numbers_rejected(option, text, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _parser().parse_args(["--freshness-rate", text])
+        _parser().parse_args([option, text])
     assert exit_info.value.code == 2
-    assert "invalid rate" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_freshness_load_and_rate_exclusive(capsys):
