@@ -11,7 +11,7 @@ import sys
 import time
 
 from bench import config, dataset, report
-from bench.context import Context
+from bench.context import DEFAULT_FRESHNESS_LOAD, Context
 from bench.processes import BenchError, require_free_port
 
 PARTS = ("http", "freshness", "worker", "memory")
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--freshness-load", type=_load_fraction,
                       help="HTTP load of the freshness part, as a fraction of the service's 1-process peak, "
-                           "above 0 and at most 1 (default 0.5)")
+                           f"above 0 and at most 1 (default {DEFAULT_FRESHNESS_LOAD:g})")
     load.add_argument("--freshness-rate", type=_positive_rate,
                       help="HTTP load of the freshness part in requests/s, at least 1, instead of a fraction "
                            "of the peak, to compare runs at the same load")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         accounts = dataset.prepare(reset=args.reset_data)
         ctx = Context(profile=profile, runs=runs, port=args.port, worker_port=args.worker_port, accounts=accounts,
                       visible=dataset.visibility(), results=results, unique_baselines=args.unique_baselines,
-                      freshness_load=0.5 if args.freshness_load is None else args.freshness_load,
+                      freshness_load=DEFAULT_FRESHNESS_LOAD if args.freshness_load is None else args.freshness_load,
                       freshness_rate=args.freshness_rate,
                       process_counts=args.processes)
         asyncio.run(dataset.vacuum())

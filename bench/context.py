@@ -10,6 +10,9 @@ from bench.dataset import Account, Visibility
 from bench.report import Results
 
 
+DEFAULT_FRESHNESS_LOAD = 0.5  # fraction of the service's 1-process peak
+
+
 @dataclass
 class Context:
     profile: Profile
@@ -20,7 +23,7 @@ class Context:
     visible: Visibility
     results: Results
     unique_baselines: bool
-    freshness_load: float = 0.5  # HTTP load of the freshness part, as a fraction of the service's peak
+    freshness_load: float = DEFAULT_FRESHNESS_LOAD  # HTTP load of the freshness part, as a fraction of the peak
     freshness_rate: float | None = None  # that load in requests/s, when given instead of the fraction
     process_counts: tuple[int, ...] = (1, 2)
     # Highest requests/s seen per (kind, processes); sizes the next request file.
