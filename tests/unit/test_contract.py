@@ -1,13 +1,18 @@
 """The event contract: what decode() accepts, and the reason it gives for what it rejects."""
 
+import fastjsonschema
 import orjson
 import pytest
 
 from workers.contract import (
+    _VALIDATE_BY_TYPE,
+    EVENT_TYPES,
+    IMAGE_EVENT_TYPES,
     OPERATOR_UUID,
     ImageEvent,
     InvalidEvent,
     Rejection,
+    _validate,
     decode,
 )
 from workers.producer import account_event, image_event
@@ -157,3 +162,72 @@ def test_rejection_detail_names_the_field():
     error = _rejection(_body(_event(manifest=manifest(name=5))))
 
     assert "manifest.name" in error.detail
+
+
+REAL_MANIFESTS = [orjson.loads(line) for line in open("tests/data/real-manifests.jsonl", "rb")]
+WRONG_VALUES = (None, 0, -1, "x", "", [], {}, True, 1.5)
+# The schema requires only a non-empty string; decode() parses the key afterwards.
+ACCOUNT_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 alice@example"
+
+
+def _valid_documents():
+    for image in REAL_MANIFESTS:
+        yield image_event("image.updated", image, revision=2)
+    for event_type in IMAGE_EVENT_TYPES:
+        if event_type == "image.deleted":
+            yield image_event(event_type, image_uuid=new_uuid(), revision=9)
+        else:
+            yield image_event(event_type, manifest(), revision=1)
+    account = new_uuid()
+    yield account_event("account.upserted", account, revision=1, login="alice")
+    yield account_event("account.key.added", account, revision=2, key_name="id_rsa", public_key=ACCOUNT_KEY)
+    yield account_event("account.key.removed", account, revision=3, key_name="id_rsa")
+
+
+def _variants(document):
+    """The document itself, then the same with one key removed, retyped or given a wrong value."""
+    yield document
+    for key in document:
+        yield {name: value for name, value in document.items() if name != key}
+        for value in WRONG_VALUES:
+            yield {**document, key: value}
+    for event_type in EVENT_TYPES:
+        yield {**document, "type": event_type}
+    for name in ("manifest", "account", "key"):
+        inner = document.get(name)
+        if not isinstance(inner, dict):
+            continue
+        for key in {*inner, "uuid", "name", "state", "public", "owner", "acl", "login", "public_key"}:
+            for value in WRONG_VALUES:
+                yield {**document, name: {**inner, key: value}}
+
+
+def _passes(validator, document) -> bool:
+    try:
+        validator(document)
+    except fastjsonschema.JsonSchemaValueException:
+        return False
+    return True
+
+
+def test_type_validators_agree_with_whole_schema():
+    # decode() checks an event of a known type against that type's part of the schema only.
+    # The outcome must be the one the whole schema gives.
+    checked = {True: 0, False: 0}
+    for document in _valid_documents():
+        for variant in _variants(document):
+            event_type = variant.get("type")
+            if not isinstance(event_type, str) or event_type not in _VALIDATE_BY_TYPE:
+                continue
+            whole = _passes(_validate, variant)
+            assert _passes(_VALIDATE_BY_TYPE[event_type], variant) is whole, variant
+            checked[whole] += 1
+
+    assert set(_VALIDATE_BY_TYPE) == set(EVENT_TYPES)
+    assert checked[True] > len(REAL_MANIFESTS), checked
+    assert checked[False] > 1000, checked
+
+
+@pytest.mark.parametrize("event_type", [["image.created"], {"image.created": 1}, 7, None, REMOVE])
+def test_unknown_type_value_rejected(event_type):
+    assert _rejection(_body(_event(type=event_type))).reason is Rejection.SCHEMA_VIOLATION
