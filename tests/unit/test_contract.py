@@ -185,7 +185,7 @@ def _valid_documents():
 
 
 def _variants(document):
-    """The document itself, then the same with one key removed, retyped or given a wrong value."""
+    """Yield the document, then copies of it with one key removed, retyped or given a wrong value."""
     yield document
     for key in document:
         yield {name: value for name, value in document.items() if name != key}
