@@ -1,5 +1,7 @@
 """The event contract: what decode() accepts, and the reason it gives for what it rejects."""
 
+from pathlib import Path
+
 import fastjsonschema
 import orjson
 import pytest
@@ -164,7 +166,9 @@ def test_rejection_detail_names_the_field():
     assert "manifest.name" in error.detail
 
 
-REAL_MANIFESTS = [orjson.loads(line) for line in open("tests/data/real-manifests.jsonl", "rb")]
+REAL_MANIFESTS = [
+    orjson.loads(line) for line in (Path(__file__).parents[1] / "data" / "real-manifests.jsonl").read_bytes().splitlines()
+]
 WRONG_VALUES = (None, 0, -1, "x", "", [], {}, True, 1.5)
 # The schema requires only a non-empty string; decode() parses the key afterwards.
 ACCOUNT_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 alice@example"
