@@ -10,6 +10,7 @@ describes the image its event names.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -114,7 +115,7 @@ EVENT_SCHEMA = _load_schema()
 _validate = fastjsonschema.compile(EVENT_SCHEMA)
 
 
-def _compile_by_type(schema: dict[str, Any]) -> dict[str, Any]:
+def _compile_by_type(schema: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
     """Compile one validator per event type: the whole schema with `allOf` cut to the type's `then`.
 
     The code that fastjsonschema generates for the whole schema raises and catches an
@@ -197,10 +198,10 @@ def parse_time(text: str) -> datetime:
 def _validate_schema(document: dict[str, Any]) -> None:
     """Raise InvalidEvent unless `document` matches the event schema."""
     event_type = document.get("type")
-    by_type = _VALIDATE_BY_TYPE.get(event_type) if isinstance(event_type, str) else None
-    if by_type is not None:
+    validator = _VALIDATE_BY_TYPE.get(event_type) if isinstance(event_type, str) else None
+    if validator is not None:
         try:
-            by_type(document)
+            validator(document)
             return
         except fastjsonschema.JsonSchemaValueException:
             pass  # the whole schema below writes the rejection's detail, as for an unknown type
