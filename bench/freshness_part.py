@@ -256,7 +256,9 @@ def run(ctx: Context) -> None:
 
         print(f"  repetition {rep + 1}: p50 {_percentile(latencies, 0.5):.1f} ms, p99 {_percentile(latencies, 0.99):.1f} ms, "
               f"max {latencies[-1]:.1f} ms over {len(latencies)} samples; published {outcome['publish_rate']:,.0f}/s; "
-              f"load {load['rps']:,.0f} req/s, p99 {load['p99_ms']:.1f} ms; poller {outcome['poll_rate']:,.0f} req/s, "
+              f"load {load['rps']:,.0f} req/s, p99 {load['p99_ms']:.1f} ms, "
+              f"{load['restarts']} schedule restart{'' if load['restarts'] == 1 else 's'}; "
+              f"poller {outcome['poll_rate']:,.0f} req/s, "
               f"poll resolution p50 "
               f"{outcome['resolution_p50_ms'] or 0:.1f} ms; worker lag p50 {outcome['worker_lag_p50_ms'] or 0:.1f} ms, "
               f"p99 {outcome['worker_lag_p99_ms'] or 0:.1f} ms", flush=True)

@@ -9,7 +9,8 @@
 -- waits until that slot. It is an environment variable because wrk decides whether the
 -- script has a delay() before it passes the arguments, and a delay() that returns 0
 -- still costs a timer per request. Without it, requests go as fast as the connections allow.
--- done() prints one line "BENCH_RESULT {json}" with the counts and latency percentiles.
+-- done() prints one line "BENCH_RESULT {json}" with the counts and latency percentiles,
+-- and "restarts": how often the schedule fell a second behind and started again.
 
 local ffi = require("ffi")
 ffi.cdef [[
@@ -35,6 +36,7 @@ count = 0
 position = 0
 issued = 0
 wraps = 0
+restarts = 0
 local rate = tonumber(os.getenv("BENCH_RATE") or "0") or 0
 local interval_ms = 0
 if rate > 0 then
@@ -79,10 +81,14 @@ end
 if rate > 0 then
   function delay()
     local now = now_ms()
-    if next_slot < now - 1000 then
+    if next_slot == 0 then
+      -- The first request starts the schedule.
+      next_slot = now
+    elseif next_slot < now - 1000 then
       -- More than a second behind (the server stalled): restart the schedule rather
       -- than send a burst to catch up.
       next_slot = now
+      restarts = restarts + 1
     end
     next_slot = next_slot + interval_ms
     local wait = next_slot - now
@@ -94,17 +100,19 @@ if rate > 0 then
 end
 
 function done(summary, latency, requests)
-  local total_issued, total_wraps, file_count = 0, 0, 0
+  local total_issued, total_wraps, total_restarts, file_count = 0, 0, 0, 0
   for _, thread in ipairs(threads) do
     total_issued = total_issued + thread:get("issued")
     total_wraps = total_wraps + thread:get("wraps")
+    total_restarts = total_restarts + thread:get("restarts")
     file_count = thread:get("count")
   end
   io.write(string.format(
     'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,"errors_connect":%d,"errors_read":%d,' ..
-    '"errors_write":%d,"errors_status":%d,"errors_timeout":%d,"issued":%d,"wraps":%d,"file_count":%d,' ..
+    '"errors_write":%d,"errors_status":%d,"errors_timeout":%d,"issued":%d,"wraps":%d,"restarts":%d,"file_count":%d,' ..
     '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
     summary.requests, summary.duration, summary.bytes, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.status, summary.errors.timeout, total_issued, total_wraps, file_count,
+    summary.errors.write, summary.errors.status, summary.errors.timeout, total_issued, total_wraps, total_restarts,
+    file_count,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
 end

@@ -25,6 +25,7 @@ def run(url: str, request_file: str, seconds: float, *, offset: int = 0, connect
 
     Returns requests/s, p50/p90/p99/max latency in milliseconds, the error counts (a
     status other than 2xx or 3xx counts as an error) and how often the file wrapped.
+    With `rate`, it also counts how often the schedule fell a second behind and restarted.
     """
     argv = [require_wrk(), f"-t{config.WRK_THREADS}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
             "-s", config.LUA_SCRIPT, url, "--", request_file, str(offset)]
@@ -54,6 +55,7 @@ def run(url: str, request_file: str, seconds: float, *, offset: int = 0, connect
         "status_errors": raw["errors_status"],
         "issued": raw["issued"],
         "wraps": raw["wraps"],
+        "restarts": raw["restarts"],
         "file_count": raw["file_count"],
         "seconds": seconds_measured,
     }
