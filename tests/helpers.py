@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import hashlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -121,6 +123,21 @@ async def wait_until(
 
 
 # Accounts of the tests, with one private key of every supported type.
+
+
+@contextlib.asynccontextmanager
+async def bench_image_server(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """Serve `handler` at GET /bench01/images/{id} on a free loopback port, and yield the base URL."""
+    app = web.Application()
+    app.router.add_get("/bench01/images/{id}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 def _generate_keys() -> dict[str, object]:
     return {

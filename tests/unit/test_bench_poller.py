@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 
 from bench.freshness_agents import MAX_POLLS_IN_FLIGHT, poll
+from tests.helpers import bench_image_server
 
 RESPONSE_DELAY = 0.05  # seconds the server takes to respond: five poll intervals
 MARKER_AFTER = 0.3  # seconds after the first poll from which responses contain the marker
@@ -30,26 +31,17 @@ async def test_slow_responses_limit_polls():
         finally:
             in_flight -= 1
 
-    app = web.Application()
-    app.router.add_get("/bench01/images/{id}", image)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with bench_image_server(image) as base_url:
         plan = {
             "t0": time.monotonic(),
             "min_interval": 0.01,
             "timeout": 5.0,
-            "base_url": f"http://127.0.0.1:{port}",
+            "base_url": base_url,
             "connections": 64,
             "samples": [{"index": "0", "path": "/bench01/images/a", "headers": {}, "scheduled": 0.0, "marker": "m-1"}],
         }
         async with asyncio.timeout(10):
             result = await poll(plan)
-    finally:
-        await runner.cleanup()
 
     sample = result["samples"]["0"]
     assert sample["seen"] is not None

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 
 from bench import wrk
+from tests.helpers import bench_image_server
 
 STALL = 1.5  # seconds the stalling server takes for its first response: over the 1 s limit
 RATE = 100.0  # requests per second requested from wrk
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not 
 
 
 async def _run_wrk(tmp_path, *, stall_first: bool) -> dict:
-    """Run wrk on one connection at RATE against a local server; return its figures."""
+    """Run wrk on one connection at RATE against a local server and return its figures."""
     responses = 0
 
     async def image(request: web.Request) -> web.Response:
@@ -28,20 +29,10 @@ async def _run_wrk(tmp_path, *, stall_first: bool) -> dict:
             await asyncio.sleep(STALL)
         return web.json_response({"id": request.match_info["id"]})
 
-    app = web.Application()
-    app.router.add_get("/bench01/images/{id}", image)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     request_file = tmp_path / "requests.tsv"
     request_file.write_text("".join(f"GET\t/bench01/images/{index}\tAccept: application/json\n" for index in range(1000)))
-    try:
-        return await asyncio.to_thread(wrk.run, f"http://127.0.0.1:{port}", str(request_file), SECONDS,
-                                       connections=1, rate=RATE)
-    finally:
-        await runner.cleanup()
+    async with bench_image_server(image) as base_url:
+        return await asyncio.to_thread(wrk.run, base_url, str(request_file), SECONDS, connections=1, rate=RATE)
 
 
 async def test_stall_restarts_schedule_once(tmp_path):
