@@ -122,9 +122,6 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
-# Accounts of the tests, with one private key of every supported type.
-
-
 @contextlib.asynccontextmanager
 async def bench_image_server(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
     """Serve `handler` at GET /bench01/images/{id} on a free loopback port, and yield the base URL."""
@@ -138,6 +135,10 @@ async def bench_image_server(handler: Callable[[web.Request], Awaitable[web.Resp
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+# Accounts of the tests, with one private key of every supported type.
+
 
 def _generate_keys() -> dict[str, object]:
     return {
