@@ -11,7 +11,7 @@ from aiohttp import web
 from bench import wrk
 from tests.helpers import bench_image_server
 
-STALL = 1.5  # seconds the stalling server takes for its first response: over the 1 s limit
+STALL = 1.5  # seconds the server takes for its first response, more than the schedule's 1 s limit
 RATE = 100.0  # requests per second requested from wrk
 SECONDS = 3  # length of each wrk run (wrk takes whole seconds)
 
