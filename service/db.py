@@ -17,8 +17,12 @@ import asyncpg
 #   42P01 undefined table and 42883 undefined function: the database lacks a migration of
 #   this release (a pod started before the migrations Job finished). Retrying waits for
 #   it, where treating it as the statement's fault would dead-letter every event.
-_TRANSIENT_CLASSES = ("08", "53", "57", "58")
-_TRANSIENT_STATES = ("40001", "40P01", "42P01", "42883")
+#   28 invalid authorization (an unknown role, a wrong password) and 3D000 invalid catalog
+#   name (no such database): Postgres refused the connection, not the statement. They come
+#   from DATABASE_URL or the server's setup, so the API responds 503 and the worker holds
+#   its events until an operator fixes them.
+_TRANSIENT_CLASSES = ("08", "28", "53", "57", "58")
+_TRANSIENT_STATES = ("3D000", "40001", "40P01", "42P01", "42883")
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 

@@ -1,11 +1,12 @@
 """Postgres faults: a restart and killed backends in the middle of a batch, a worker
-started while Postgres is down, a stop during an outage, and a permanent refusal of one
-event in a batch. Postgres is a private cluster of each test (the steady one where
-nothing breaks it); RabbitMQ is the steady private node."""
+started while Postgres is down or before its database exists, a stop during an outage,
+and a permanent refusal of one event in a batch. Postgres is a private cluster of each
+test (the steady one where nothing breaks it); RabbitMQ is the steady private node."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import asyncpg
 import pytest
@@ -30,6 +31,7 @@ from tests.faults.harness import (
     wait_all_logged,
     worker_blocked_on_lock,
 )
+from service.migrate import migrate
 from tests.helpers import manifest
 from workers.producer import image_event
 
@@ -116,6 +118,34 @@ async def test_worker_started_while_postgres_down(private_postgres, steady_rabbi
         await poll(lambda: running.ready_is(200), message="readiness once Postgres is up")
 
     await assert_read_model(dsn, events)
+
+
+@pytest.mark.timeout(120)
+async def test_worker_started_before_its_database_exists(steady_postgres, steady_rabbit):
+    """Postgres refuses the connection (3D000, no such database): the worker holds its
+    events, as in an outage, and dead-letters none of them. Once the database is created
+    and migrated, every event is applied."""
+    name = f"faults_{secrets.token_hex(4)}"
+    dsn = steady_postgres.dsn(name)
+    settings = fault_settings(dsn, steady_rabbit.url())
+    events = image_histories(20, 2)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: _has_consumer(steady_rabbit, settings), message="the worker to start consuming")
+        assert await running.readiness() == 503
+
+        await publish(settings, events)
+        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
+        await nothing_settled(steady_rabbit, settings, len(events))
+        assert await dead_letters(settings) == []
+
+        await asyncio.to_thread(steady_postgres.create_database, name)
+        await migrate(dsn)
+        await wait_all_logged(dsn, events)
+        await poll(lambda: running.ready_is(200), message="readiness once the database exists")
+
+    await assert_read_model(dsn, events)
+    assert await dead_letters(settings) == []
 
 
 async def _has_consumer(rabbit, settings) -> bool:

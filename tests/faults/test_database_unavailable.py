@@ -1,9 +1,12 @@
-"""With Postgres stopped or not answering, the API answers 503 within a couple of seconds,
-never hangs and never sends a 500; when Postgres is back it recovers by itself."""
+"""With Postgres stopped, not answering or refusing the connection, the API answers 503
+within a couple of seconds, never hangs and never sends a 500; when Postgres is back it
+recovers by itself."""
 
 import asyncio
+import secrets
 import socket
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -14,7 +17,7 @@ from service import accounts as account_commands
 from service.app import create_app
 from service.migrate import migrate
 from service.settings import Settings
-from tests.conftest import store_manifests
+from tests.conftest import ADMIN_DSN, store_manifests
 from tests.helpers import ServiceServer, TestAccount, manifest, openssh_public, wait_until
 from tests.support.fixtures import private_postgres  # noqa: F401 (a pytest fixture)
 
@@ -97,3 +100,31 @@ async def test_postgres_that_never_answers_gives_503_quickly():
     assert status == 503
     assert body == UNAVAILABLE
     assert seconds < 3
+
+
+@pytest.mark.parametrize("refused", ["database", "role"])
+async def test_refused_connection_gives_503(refused):
+    # DATABASE_URL names a database or a role that the shared cluster lacks, so Postgres
+    # refuses every connection (3D000 or 28000): a fault of the setup, not of the request.
+    missing = f"missing_{secrets.token_hex(4)}"
+    parts = urlsplit(ADMIN_DSN)
+    if refused == "database":
+        parts = parts._replace(path=f"/{missing}")
+    else:
+        parts = parts._replace(netloc=f"{missing}@{parts.hostname}:{parts.port or 5432}")
+    settings = Settings.from_env({}, database_url=urlunsplit(parts), metrics_port=0, access_log=False)
+    server = ServiceServer(create_app(settings), settings)
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, body, seconds = await _get(session, base, TestAccount("rita"), manifest()["uuid"])
+            async with session.get(base + "/readyz") as response:
+                ready = response.status
+    finally:
+        await server.close()
+
+    assert status == 503
+    assert body == UNAVAILABLE
+    assert seconds < 3
+    assert ready == 503
