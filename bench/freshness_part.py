@@ -229,7 +229,7 @@ def run(ctx: Context) -> None:
         peak = _peak(ctx)
         load_rate = peak * ctx.freshness_load
         source = f"{ctx.freshness_load:g} of {peak:,.0f}"
-    print(f"== freshness: {profile.freshness_rate} events/s for {profile.freshness_seconds} s, HTTP load held at "
+    print(f"== freshness: {profile.freshness_rate} events/s for {profile.freshness_seconds} s, HTTP load asked at "
           f"{load_rate:,.0f} req/s ({source}), {ctx.runs} repetitions", flush=True)
     results = ctx.results
 
