@@ -18,9 +18,9 @@ import asyncpg
 #   this release (a pod started before the migrations Job finished). Retrying waits for
 #   it, where treating it as the statement's fault would dead-letter every event.
 #   28 invalid authorization (an unknown role, a wrong password) and 3D000 invalid catalog
-#   name (no such database): Postgres refused the connection, not the statement. They come
-#   from DATABASE_URL or the server's setup, so the API responds 503 and the worker holds
-#   its events until an operator fixes them.
+#   name (no such database): Postgres rejected the connection, not the statement. They come
+#   from DATABASE_URL or the server's setup, so the API responds 503 and the worker keeps
+#   its events unacknowledged until an operator fixes them.
 _TRANSIENT_CLASSES = ("08", "28", "53", "57", "58")
 _TRANSIENT_STATES = ("3D000", "40001", "40P01", "42P01", "42883")
 
@@ -77,7 +77,26 @@ async def create_pool(
         max_inactive_connection_lifetime=300,
         server_settings={"application_name": application_name},
         reset=_skip_reset if keep_session_state else None,
+        connect=_connect,
     )
+
+
+class ConnectionRejected(ConnectionError):
+    """Error of a connection that Postgres rejected: the database or role does not exist,
+    the password is wrong, or the database accepts no connections. A fault of the setup,
+    not of a statement, so callers treat it as an outage (`is_transient`)."""
+
+
+async def _connect(*args, **kwargs) -> asyncpg.Connection:
+    """Open a pool's connection, and raise ConnectionRejected when Postgres rejects it.
+
+    Without it, the rejection reaches the worker as a PostgresError, which it would blame
+    on the events of the batch and dead-letter them one by one.
+    """
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except asyncpg.PostgresError as exc:
+        raise ConnectionRejected(f"{type(exc).__name__}: {exc}") from exc
 
 
 class FairGate:

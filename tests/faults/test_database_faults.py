@@ -1,5 +1,5 @@
 """Postgres faults: a restart and killed backends in the middle of a batch, a worker
-started while Postgres is down or before its database exists, a stop during an outage,
+started while Postgres is down or rejects its connections, a stop during an outage,
 and a permanent refusal of one event in a batch. Postgres is a private cluster of each
 test (the steady one where nothing breaks it); RabbitMQ is the steady private node."""
 
@@ -121,12 +121,18 @@ async def test_worker_started_while_postgres_down(private_postgres, steady_rabbi
 
 
 @pytest.mark.timeout(120)
-async def test_worker_started_before_its_database_exists(steady_postgres, steady_rabbit):
-    """Postgres refuses the connection (3D000, no such database): the worker holds its
-    events, as in an outage, and dead-letters none of them. Once the database is created
-    and migrated, every event is applied."""
+@pytest.mark.parametrize("refusal", ["missing", "closed"])
+async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, refusal):
+    """Postgres rejects the connection: the database does not exist yet (3D000), or
+    accepts no connections (55000). The worker keeps its events unacknowledged, as in an
+    outage, and dead-letters none of them. Once the database takes connections, every event is
+    applied."""
     name = f"faults_{secrets.token_hex(4)}"
     dsn = steady_postgres.dsn(name)
+    if refusal == "closed":
+        await asyncio.to_thread(steady_postgres.create_database, name)
+        await migrate(dsn)
+        await _allow_connections(steady_postgres, name, False)
     settings = fault_settings(dsn, steady_rabbit.url())
     events = image_histories(20, 2)
 
@@ -139,13 +145,24 @@ async def test_worker_started_before_its_database_exists(steady_postgres, steady
         await nothing_settled(steady_rabbit, settings, len(events))
         assert await dead_letters(settings) == []
 
-        await asyncio.to_thread(steady_postgres.create_database, name)
-        await migrate(dsn)
+        if refusal == "closed":
+            await _allow_connections(steady_postgres, name, True)
+        else:
+            await asyncio.to_thread(steady_postgres.create_database, name)
+            await migrate(dsn)
         await wait_all_logged(dsn, events)
-        await poll(lambda: running.ready_is(200), message="readiness once the database exists")
+        await poll(lambda: running.ready_is(200), message="readiness once the database takes connections")
 
     await assert_read_model(dsn, events)
     assert await dead_letters(settings) == []
+
+
+async def _allow_connections(postgres, name: str, allowed: bool) -> None:
+    admin = await asyncpg.connect(postgres.dsn())
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
+    finally:
+        await admin.close()
 
 
 async def _has_consumer(rabbit, settings) -> bool:

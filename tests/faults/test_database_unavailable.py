@@ -1,4 +1,4 @@
-"""With Postgres stopped, not answering or refusing the connection, the API answers 503
+"""With Postgres stopped, not answering or rejecting the connection, the API answers 503
 within a couple of seconds, never hangs and never sends a 500; when Postgres is back it
 recovers by itself."""
 
@@ -102,13 +102,13 @@ async def test_postgres_that_never_answers_gives_503_quickly():
     assert seconds < 3
 
 
-@pytest.mark.parametrize("refused", ["database", "role"])
-async def test_refused_connection_gives_503(refused):
+@pytest.mark.parametrize("missing_name", ["database", "role"])
+async def test_rejected_connection_gives_503(missing_name):
     # DATABASE_URL names a database or a role that the shared cluster lacks, so Postgres
-    # refuses every connection (3D000 or 28000): a fault of the setup, not of the request.
+    # rejects every connection (3D000 or 28000): a fault of the setup, not of the request.
     missing = f"missing_{secrets.token_hex(4)}"
     parts = urlsplit(ADMIN_DSN)
-    if refused == "database":
+    if missing_name == "database":
         parts = parts._replace(path=f"/{missing}")
     else:
         parts = parts._replace(netloc=f"{missing}@{parts.hostname}:{parts.port or 5432}")
