@@ -21,8 +21,11 @@ import asyncpg
 #   name (no such database): Postgres rejected the connection, not the statement. They come
 #   from DATABASE_URL or the server's setup, so the API responds 503 and the worker keeps
 #   its events unacknowledged until an operator fixes them.
+#   25006 read-only transaction (a standby, or a primary being demoted in a failover) and
+#   42501 insufficient privilege (a role without the grants of the migrations): faults of
+#   the setup too, which would otherwise dead-letter every event of the batch.
 _TRANSIENT_CLASSES = ("08", "28", "53", "57", "58")
-_TRANSIENT_STATES = ("3D000", "40001", "40P01", "42P01", "42883")
+_TRANSIENT_STATES = ("25006", "3D000", "40001", "40P01", "42501", "42P01", "42883")
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 

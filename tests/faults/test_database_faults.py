@@ -1,7 +1,8 @@
 """Postgres faults: a restart and killed backends in the middle of a batch, a worker
-started while Postgres is down or rejects its connections, a stop during an outage,
-and a permanent refusal of one event in a batch. Postgres is a private cluster of each
-test (the steady one where nothing breaks it); RabbitMQ is the steady private node."""
+started while Postgres is down, rejects its connections or its writes, a stop during an
+outage, and a permanent refusal of one event in a batch. Postgres is a private cluster
+of each test (the steady one where nothing breaks it); RabbitMQ is the steady private
+node."""
 
 from __future__ import annotations
 
@@ -157,12 +158,48 @@ async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, r
     assert await dead_letters(settings) == []
 
 
-async def _allow_connections(postgres, name: str, allowed: bool) -> None:
+@pytest.mark.timeout(120)
+async def test_worker_on_read_only_database(steady_postgres, steady_rabbit):
+    """Postgres takes the connection but rejects every write (25006), as a standby or a
+    primary being demoted in a failover does. The worker keeps its events
+    unacknowledged and dead-letters none. Once the database takes writes again (new
+    connections, as after the failover), every event is applied."""
+    dsn = await fresh_database(steady_postgres)
+    name = dsn.rsplit("/", 1)[1]
+    await _admin(steady_postgres, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    settings = fault_settings(dsn, steady_rabbit.url())
+    events = image_histories(20, 2)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: _has_consumer(steady_rabbit, settings), message="the worker to start consuming")
+        await publish(settings, events)
+        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
+        await nothing_settled(steady_rabbit, settings, len(events))
+        assert await dead_letters(settings) == []
+        assert await running.readiness() == 503
+
+        await _admin(steady_postgres, f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await _admin(
+            steady_postgres,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+        )
+        await wait_all_logged(dsn, events)
+        await poll(lambda: running.ready_is(200), message="readiness once the database takes writes")
+
+    await assert_read_model(dsn, events)
+    assert await dead_letters(settings) == []
+
+
+async def _admin(postgres, statement: str) -> None:
     admin = await asyncpg.connect(postgres.dsn())
     try:
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
+        await admin.execute(statement)
     finally:
         await admin.close()
+
+
+async def _allow_connections(postgres, name: str, allowed: bool) -> None:
+    await _admin(postgres, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
 
 
 async def _has_consumer(rabbit, settings) -> bool:
