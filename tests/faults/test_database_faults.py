@@ -1,6 +1,6 @@
 """Postgres faults: a restart and killed backends in the middle of a batch, a worker
-started while Postgres is down, rejects its connections or its writes, a stop during an
-outage, and a permanent refusal of one event in a batch. Postgres is a private cluster
+started while Postgres is down, rejects its connections or its writes, a lock timeout, a
+stop during an outage, and a permanent refusal of one event in a batch. Postgres is a private cluster
 of each test (the steady one where nothing breaks it); RabbitMQ is the steady private
 node."""
 
@@ -185,6 +185,30 @@ async def test_worker_on_read_only_database(steady_postgres, steady_rabbit):
         )
         await wait_all_logged(dsn, events)
         await poll(lambda: running.ready_is(200), message="readiness once the database takes writes")
+
+    await assert_read_model(dsn, events)
+    assert await dead_letters(settings) == []
+
+
+@pytest.mark.timeout(120)
+async def test_worker_lock_timeout_keeps_events(steady_postgres, steady_rabbit):
+    """With a lock_timeout set on the database, a batch that waits for a lock held by
+    another transaction fails with 55P03. The worker keeps its events unacknowledged,
+    dead-letters none, and applies them once the lock is released."""
+    dsn = await fresh_database(steady_postgres)
+    name = dsn.rsplit("/", 1)[1]
+    await _admin(steady_postgres, f"ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'")
+    settings = fault_settings(dsn, steady_rabbit.url())
+    events = image_histories(20, 2)
+
+    async with in_process_worker(settings) as running:
+        await poll(lambda: running.ready_is(200), message="readiness before the lock")
+        async with images_locked(dsn):
+            await publish(settings, events)
+            await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
+            await nothing_settled(steady_rabbit, settings, len(events))
+            assert await dead_letters(settings) == []
+        await wait_all_logged(dsn, events)
 
     await assert_read_model(dsn, events)
     assert await dead_letters(settings) == []
