@@ -25,7 +25,7 @@ import asyncpg
 #   42501 insufficient privilege (a role without the grants of the migrations): faults of
 #   the setup too, which would otherwise dead-letter every event of the batch.
 #   55P03 lock not available: a lock_timeout ran out while another transaction held a lock
-#   the batch needs, which says nothing about its events.
+#   the batch needs, a state of other transactions and not of its events.
 _TRANSIENT_CLASSES = ("08", "28", "53", "57", "58")
 _TRANSIENT_STATES = ("25006", "3D000", "40001", "40P01", "42501", "42P01", "42883", "55P03")
 
