@@ -126,8 +126,8 @@ async def test_worker_started_while_postgres_down(private_postgres, steady_rabbi
 async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, refusal):
     """Postgres rejects the connection: the database does not exist yet (3D000), or
     accepts no connections (55000). The worker keeps its events unacknowledged, as in an
-    outage, and dead-letters none of them. Once the database takes connections, every event is
-    applied."""
+    outage, and dead-letters none of them. Once the database takes connections, every
+    event is applied."""
     name = f"faults_{secrets.token_hex(4)}"
     dsn = steady_postgres.dsn(name)
     if refusal == "closed":
@@ -141,10 +141,7 @@ async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, r
         await poll(lambda: _has_consumer(steady_rabbit, settings), message="the worker to start consuming")
         assert await running.readiness() == 503
 
-        await publish(settings, events)
-        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
-        await nothing_settled(steady_rabbit, settings, len(events))
-        assert await dead_letters(settings) == []
+        await _publish_and_see_held(steady_rabbit, settings, events)
 
         if refusal == "closed":
             await _allow_connections(steady_postgres, name, True)
@@ -154,8 +151,7 @@ async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, r
         await wait_all_logged(dsn, events)
         await poll(lambda: running.ready_is(200), message="readiness once the database takes connections")
 
-    await assert_read_model(dsn, events)
-    assert await dead_letters(settings) == []
+    await _assert_applied_none_dead_lettered(dsn, settings, events)
 
 
 @pytest.mark.timeout(120)
@@ -164,18 +160,13 @@ async def test_worker_on_read_only_database(steady_postgres, steady_rabbit):
     primary being demoted in a failover does. The worker keeps its events
     unacknowledged and dead-letters none. Once the database takes writes again (new
     connections, as after the failover), every event is applied."""
-    dsn = await fresh_database(steady_postgres)
-    name = dsn.rsplit("/", 1)[1]
-    await _admin(steady_postgres, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    dsn, name = await _database_with(steady_postgres, "default_transaction_read_only = on")
     settings = fault_settings(dsn, steady_rabbit.url())
     events = image_histories(20, 2)
 
     async with in_process_worker(settings) as running:
         await poll(lambda: _has_consumer(steady_rabbit, settings), message="the worker to start consuming")
-        await publish(settings, events)
-        await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
-        await nothing_settled(steady_rabbit, settings, len(events))
-        assert await dead_letters(settings) == []
+        await _publish_and_see_held(steady_rabbit, settings, events)
         assert await running.readiness() == 503
 
         await _admin(steady_postgres, f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
@@ -186,8 +177,7 @@ async def test_worker_on_read_only_database(steady_postgres, steady_rabbit):
         await wait_all_logged(dsn, events)
         await poll(lambda: running.ready_is(200), message="readiness once the database takes writes")
 
-    await assert_read_model(dsn, events)
-    assert await dead_letters(settings) == []
+    await _assert_applied_none_dead_lettered(dsn, settings, events)
 
 
 @pytest.mark.timeout(120)
@@ -195,23 +185,39 @@ async def test_worker_lock_timeout_keeps_events(steady_postgres, steady_rabbit):
     """With a lock_timeout set on the database, a batch that waits for a lock held by
     another transaction fails with 55P03. The worker keeps its events unacknowledged,
     dead-letters none, and applies them once the lock is released."""
-    dsn = await fresh_database(steady_postgres)
-    name = dsn.rsplit("/", 1)[1]
-    await _admin(steady_postgres, f"ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'")
+    dsn, _ = await _database_with(steady_postgres, "lock_timeout = '200ms'")
     settings = fault_settings(dsn, steady_rabbit.url())
     events = image_histories(20, 2)
 
     async with in_process_worker(settings) as running:
         await poll(lambda: running.ready_is(200), message="readiness before the lock")
         async with images_locked(dsn):
-            await publish(settings, events)
-            await poll(lambda: _no_consumer(steady_rabbit, settings), message="the consumer cancelled")
-            await nothing_settled(steady_rabbit, settings, len(events))
-            assert await dead_letters(settings) == []
+            await _publish_and_see_held(steady_rabbit, settings, events)
         await wait_all_logged(dsn, events)
 
+    await _assert_applied_none_dead_lettered(dsn, settings, events)
+
+
+async def _publish_and_see_held(rabbit, settings, events) -> None:
+    """Publish `events` and check that the worker pauses its consumer and keeps every
+    message unsettled, none of them dead-lettered."""
+    await publish(settings, events)
+    await poll(lambda: _no_consumer(rabbit, settings), message="the consumer cancelled")
+    await nothing_settled(rabbit, settings, len(events))
+    assert await dead_letters(settings) == []
+
+
+async def _assert_applied_none_dead_lettered(dsn: str, settings, events) -> None:
     await assert_read_model(dsn, events)
     assert await dead_letters(settings) == []
+
+
+async def _database_with(postgres, setting: str) -> tuple[str, str]:
+    """Create and migrate a database whose new sessions get `setting`; return its DSN and name."""
+    dsn = await fresh_database(postgres)
+    name = dsn.rsplit("/", 1)[1]
+    await _admin(postgres, f'ALTER DATABASE "{name}" SET {setting}')
+    return dsn, name
 
 
 async def _admin(postgres, statement: str) -> None:
