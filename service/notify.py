@@ -50,6 +50,7 @@ class ChangeListener:
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self.reconnects = 0
+        self.connect_failures = 0  # attempts that failed since the last connection
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> None:
         self._subscribers.setdefault(channel, []).append(subscriber)
@@ -116,6 +117,7 @@ class ChangeListener:
                 # caching from an empty state.
                 self._set_all(enabled=True)
                 self._connected.set()
+                self.connect_failures = 0
                 delay = 0.1
                 log.info("listener_connected", channels=sorted(self._subscribers))
                 while not closed.done():
@@ -135,7 +137,11 @@ class ChangeListener:
                     log.warning("listener_disconnected", error=repr(exc))
                     log.info("cache_flushed", reason="listener_disconnected")
                 else:
-                    log.debug("listener_connect_failed", error=repr(exc), retry_in=round(delay, 2))
+                    # The first failure is a warning, so a DATABASE_URL that Postgres rejects
+                    # shows in the log at startup. Its retries are debug lines.
+                    self.connect_failures += 1
+                    report = log.warning if self.connect_failures == 1 else log.debug
+                    report("listener_connect_failed", error=repr(exc), retry_in=round(delay, 2))
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self._retry_max)
             finally:

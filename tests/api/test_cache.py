@@ -113,3 +113,32 @@ async def test_lost_listener_flushes_every_cache(call, app, db_pool):
     assert _entry(store, image["uuid"]) is not cached_entry
     answer = await call(f"/my/images/{image['uuid']}")
     assert answer.status == 200
+
+
+async def test_rejected_listener_warns_once():
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    import structlog
+
+    from service.notify import ChangeListener
+    from tests.conftest import ADMIN_DSN
+
+    # A database the shared cluster lacks: Postgres rejects every attempt (3D000).
+    dsn = urlunsplit(urlsplit(ADMIN_DSN)._replace(path=f"/missing_{secrets.token_hex(4)}"))
+    listener = ChangeListener(dsn, connect_timeout=2.0, retry_max=0.05)
+    with structlog.testing.capture_logs() as logs:
+        listener.start()
+        try:
+            async def three_failures():
+                return listener.connect_failures >= 3
+
+            await wait_until(three_failures, timeout=10, message="three failed attempts")
+        finally:
+            await listener.stop()
+
+    failures = [entry for entry in logs if entry["event"] == "listener_connect_failed"]
+    warnings = [entry for entry in failures if entry["log_level"] == "warning"]
+    assert len(warnings) == 1
+    assert "InvalidCatalogNameError" in warnings[0]["error"]
+    assert not listener.connected
