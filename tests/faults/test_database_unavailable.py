@@ -1,5 +1,5 @@
-"""With Postgres stopped, not answering or rejecting the connection, the API answers 503
-within a couple of seconds, never hangs and never sends a 500; when Postgres is back it
+"""With Postgres stopped, silent or rejecting the connection, the API responds 503 within
+a couple of seconds, never hangs and never sends a 500. When Postgres is back, it
 recovers by itself."""
 
 import asyncio
