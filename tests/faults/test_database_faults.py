@@ -51,7 +51,10 @@ async def test_postgres_restart_mid_batch(private_postgres, steady_rabbit):
         async with images_locked(dsn):
             await publish(settings, events)
             await poll(lambda: worker_blocked_on_lock(dsn), message="a batch blocked on the lock")
-            await asyncio.to_thread(private_postgres.stop, "fast")
+            # Immediate, not fast: a fast shutdown may end the lock holder's backend first,
+            # so the blocked batch could commit before its own backend ends, and the worker
+            # would rightly ack it. An immediate stop releases no lock.
+            await asyncio.to_thread(private_postgres.stop, "immediate")
 
         await poll(lambda: running.ready_is(503), message="readiness false while Postgres is down")
         await nothing_settled(steady_rabbit, settings, len(events))
