@@ -17,17 +17,13 @@ import asyncpg
 #   42P01 undefined table and 42883 undefined function: the database lacks a migration of
 #   this release (a pod started before the migrations Job finished). Retrying waits for
 #   it, where treating it as the statement's fault would dead-letter every event.
-#   28 invalid authorization (an unknown role, a wrong password) and 3D000 invalid catalog
-#   name (no such database): Postgres rejected the connection, not the statement. They come
-#   from DATABASE_URL or the server's setup, so the API responds 503 and the worker keeps
-#   its events unacknowledged until an operator fixes them.
 #   25006 read-only transaction (a standby, or a primary being demoted in a failover) and
 #   42501 insufficient privilege (a role without the grants of the migrations): faults of
-#   the setup too, which would otherwise dead-letter every event of the batch.
+#   the setup, which would otherwise dead-letter every event of the batch.
 #   55P03 lock not available: a lock_timeout ran out while another transaction held a lock
 #   the batch needs, a state of other transactions and not of its events.
-_TRANSIENT_CLASSES = ("08", "28", "53", "57", "58")
-_TRANSIENT_STATES = ("25006", "3D000", "40001", "40P01", "42501", "42P01", "42883", "55P03")
+_TRANSIENT_CLASSES = ("08", "53", "57", "58")
+_TRANSIENT_STATES = ("25006", "40001", "40P01", "42501", "42P01", "42883", "55P03")
 
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -95,8 +91,9 @@ class ConnectionRejected(ConnectionError):
 async def _connect(*args, **kwargs) -> asyncpg.Connection:
     """Open a pool's connection, and raise ConnectionRejected when Postgres rejects it.
 
-    Without it, the rejection reaches the worker as a PostgresError, which it would blame
-    on the events of the batch and dead-letter them one by one.
+    Without it, the rejection (3D000 no such database, 28P01 wrong password and others)
+    reaches the worker as a PostgresError, which it would blame on the events of the batch
+    and dead-letter them one by one. The API would answer 500 instead of 503.
     """
     try:
         return await asyncpg.connect(*args, **kwargs)

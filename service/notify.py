@@ -50,7 +50,7 @@ class ChangeListener:
         self._task: asyncio.Task | None = None
         self._connected = asyncio.Event()
         self.reconnects = 0
-        self.connect_failures = 0  # attempts that failed since the last connection
+        self.connect_failures = 0  # failed attempts since the last connection
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> None:
         self._subscribers.setdefault(channel, []).append(subscriber)

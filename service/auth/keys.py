@@ -94,7 +94,7 @@ def parse_public_key(text: str) -> PublicKey:
         raise InvalidKey(f"key text is longer than {MAX_KEY_TEXT} characters")
     if text.lstrip().startswith("-----BEGIN"):
         # `ssh-keygen` writes the private key to the file without `.pub`, next to the public one.
-        raise InvalidKey("this is a PEM block, such as a private key: give the OpenSSH public key line (the .pub file)")
+        raise InvalidKey("expected an OpenSSH public key line, not a PEM block such as a private key: use the .pub file")
     parts = text.strip().split(None, 2)
     if len(parts) < 2:
         raise InvalidKey("expected an OpenSSH public key: '<type> <base64> [comment]'")

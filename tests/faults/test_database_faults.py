@@ -125,15 +125,15 @@ async def test_worker_started_while_postgres_down(private_postgres, steady_rabbi
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("refusal", ["missing", "closed"])
-async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, refusal):
+@pytest.mark.parametrize("rejection", ["missing", "closed"])
+async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, rejection):
     """Postgres rejects the connection: the database does not exist yet (3D000), or
     accepts no connections (55000). The worker keeps its events unacknowledged, as in an
     outage, and dead-letters none of them. Once the database takes connections, every
     event is applied."""
     name = f"faults_{secrets.token_hex(4)}"
     dsn = steady_postgres.dsn(name)
-    if refusal == "closed":
+    if rejection == "closed":
         await asyncio.to_thread(steady_postgres.create_database, name)
         await migrate(dsn)
         await _allow_connections(steady_postgres, name, False)
@@ -146,7 +146,7 @@ async def test_worker_rejected_by_its_database(steady_postgres, steady_rabbit, r
 
         await _publish_and_see_held(steady_rabbit, settings, events)
 
-        if refusal == "closed":
+        if rejection == "closed":
             await _allow_connections(steady_postgres, name, True)
         else:
             await asyncio.to_thread(steady_postgres.create_database, name)
@@ -216,7 +216,7 @@ async def _assert_applied_none_dead_lettered(dsn: str, settings, events) -> None
 
 
 async def _database_with(postgres, setting: str) -> tuple[str, str]:
-    """Create and migrate a database whose new sessions get `setting`; return its DSN and name."""
+    """Create and migrate a database whose new sessions get `setting`, and return its DSN and name."""
     dsn = await fresh_database(postgres)
     name = dsn.rsplit("/", 1)[1]
     await _admin(postgres, f'ALTER DATABASE "{name}" SET {setting}')

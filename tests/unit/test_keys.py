@@ -1,4 +1,4 @@
-"""Public keys as operators give them to `python -m service accounts add-key`."""
+"""Parsing of the public keys that operators pass to `python -m service accounts add-key`."""
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,12 +26,12 @@ def test_public_key_line_is_parsed():
 
 
 @pytest.mark.parametrize("form", ["openssh", "pkcs8"])
-def test_private_key_is_refused_with_a_hint(form):
+def test_private_key_rejected_with_hint(form):
     private, _ = _private_and_public()
     if form == "pkcs8":
         private = ed25519.Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).decode()
 
-    with pytest.raises(InvalidKey, match=r"PEM block.*public key line \(the \.pub file\)"):
+    with pytest.raises(InvalidKey, match=r"OpenSSH public key line, not a PEM block.*use the \.pub file"):
         parse_public_key(private)
