@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if results.rows:
+            report.note_slow_machine(results)
             print("\n" + report.format_table(results.rows))
             for text in results.notes:
                 print(f"note: {text}")

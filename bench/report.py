@@ -17,6 +17,13 @@ import orjson
 
 from bench import config
 
+# Baselines of the machine the absolute targets (milliseconds, events per second) were
+# set on: bare aiohttp with one uvloop process, and the bare consumer acking each message.
+REFERENCE_BARE_RPS = 41_000
+REFERENCE_BARE_CONSUMER = 11_400
+# A baseline under this fraction of its reference gets a note under the table.
+SLOW_MACHINE_FRACTION = 0.6
+
 
 @dataclass
 class Row:
@@ -106,6 +113,25 @@ def format_table(rows: list[Row]) -> str:
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
     return "\n".join(out)
+
+
+def note_slow_machine(results: Results) -> None:
+    """Add a note when a baseline of this session ran far below the same baseline on the
+    machine the absolute targets come from. On such a machine, a FAIL of a p99, of
+    events/s or of freshness is more about the machine than the service, while the
+    ratios still compare the service with baselines run on the same machine."""
+    for part, name, label, unit, reference in (
+        ("HTTP 1p", "bare rps", "bare aiohttp with 1 process", "req/s", REFERENCE_BARE_RPS),
+        ("worker", "bare", "the bare consumer", "events/s", REFERENCE_BARE_CONSUMER),
+    ):
+        values = results.get(part, name)
+        if not values:
+            continue
+        median = statistics.median(values)
+        if median < SLOW_MACHINE_FRACTION * reference:
+            results.note(f"{label} ran at {median:,.0f} {unit}, {median / reference:.2f} of the {reference:,} "
+                         "of the machine the targets were set on: judge this machine by the ratios, "
+                         "not by the targets in ms and events/s")
 
 
 def ratios(numerators: list[float], denominators: list[float]) -> list[float]:

@@ -1,0 +1,38 @@
+"""The table of bench/run: verdicts on medians, and the note about a slow machine."""
+
+from bench import report
+
+
+def _results(**baselines: list[float]) -> report.Results:
+    results = report.Results()
+    for (part, name), values in zip((("HTTP 1p", "bare rps"), ("worker", "bare")), baselines.values()):
+        for value in values:
+            results.add(part, name, value)
+    return results
+
+
+def test_verdict_on_the_median():
+    assert report.Row("HTTP 1p", "service / (a)", "x", [0.40, 0.50, 0.46], ">= 0.45").verdict() == "PASS"
+    assert report.Row("HTTP 1p", "service p99", "ms", [9.0, 12.0, 11.0], "<= 10").verdict() == "FAIL"
+    assert report.Row("HTTP 1p", "service p50", "ms", [1.0]).verdict() == ""
+
+
+def test_slow_machine_noted(capsys):
+    results = _results(http=[7_162, 6_048, 6_900], worker=[2_000, 2_100, 2_050])
+    report.note_slow_machine(results)
+    assert len(results.notes) == 2
+    assert results.notes[0].startswith("bare aiohttp with 1 process ran at 6,900 req/s, 0.17 of the 41,000")
+    assert results.notes[1].startswith("the bare consumer ran at 2,050 events/s, 0.18 of the 11,400")
+    assert "judge this machine by the ratios" in capsys.readouterr().out
+
+
+def test_machine_near_the_reference_not_noted():
+    results = _results(http=[33_539, 30_000, 35_000], worker=[9_143, 9_000, 9_500])
+    report.note_slow_machine(results)
+    assert results.notes == []
+
+
+def test_parts_not_run_not_noted():
+    results = report.Results()
+    report.note_slow_machine(results)
+    assert results.notes == []
