@@ -31,6 +31,7 @@ import statistics
 import time
 from email.utils import formatdate
 
+import aio_pika
 import asyncpg
 import orjson
 
@@ -51,6 +52,24 @@ START_DELAY = 3.0  # seconds from starting the agents to the first event
 
 def exchange_names() -> tuple[str, str]:
     return f"{config.AMQP_PREFIX}.fresh", f"{config.AMQP_PREFIX}.fresh.events"
+
+
+async def purge_queue(amqp_url: str, queue_name: str) -> int:
+    """Purge the queue and return how many messages it contained (0 when it does not exist).
+
+    Every repetition uses the same queue. A worker that falls far behind can stop with
+    events still queued, and the next repetition's worker would apply those first."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(queue_name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        purged = await queue.purge()
+        return purged.message_count
+    finally:
+        await connection.close()
 
 
 async def _events(ctx: Context, count: int, token: str) -> list[dict]:
@@ -125,6 +144,7 @@ def _write_json(name: str, document: dict) -> str:
 def _run_once(ctx: Context, rep: int, load_rate: float) -> dict:
     profile = ctx.profile
     exchange, queue = exchange_names()
+    leftover = asyncio.run(purge_queue(config.AMQP_URL, queue))
     token = secrets.token_hex(4)
     count = profile.freshness_rate * profile.freshness_seconds
     asyncio.run(dataset.truncate_event_log())
@@ -192,6 +212,7 @@ def _run_once(ctx: Context, rep: int, load_rate: float) -> dict:
     window = published["last_call"] - published["first_call"]
     return {
         "latencies_ms": latencies,
+        "leftover": leftover,
         "unseen": unseen,
         "samples": len(published["samples"]),
         "publish_rate": (published["count"] - 1) / window if window > 0 else 0.0,
@@ -235,6 +256,9 @@ def run(ctx: Context) -> None:
 
     for rep in range(ctx.runs):
         outcome = _run_once(ctx, rep, load_rate)
+        if outcome["leftover"]:
+            results.note(f"freshness repetition {rep + 1}: the queue still contained {outcome['leftover']:,} events "
+                         "from before it (a worker that fell behind), purged before it started")
         latencies = outcome["latencies_ms"]
         load = outcome.pop("load")
         results.record(part="freshness", rep=rep, load=load, **{k: v for k, v in outcome.items() if k != "latencies_ms"},
