@@ -258,7 +258,8 @@ def run(ctx: Context) -> None:
         outcome = _run_once(ctx, rep, load_rate)
         if outcome["leftover"]:
             results.note(f"freshness repetition {rep + 1}: the queue still contained {outcome['leftover']:,} events "
-                         "from before it (a worker that fell behind), purged before it started")
+                         "from before it (left by a worker that fell behind or by an interrupted run), purged before "
+                         "it started")
         latencies = outcome["latencies_ms"]
         load = outcome.pop("load")
         results.record(part="freshness", rep=rep, load=load, **{k: v for k, v in outcome.items() if k != "latencies_ms"},
