@@ -30,8 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, help="repetitions of every measurement (default 3, or 1 with --quick)")
     parser.add_argument("--processes", default=(1, 2), type=_process_counts,
                         help="API process counts of the HTTP part, comma-separated (default 1,2)")
-    parser.add_argument("--port", type=int, default=18080, help="port of the servers under test (default 18080)")
-    parser.add_argument("--worker-port", type=int, default=18091,
+    parser.add_argument("--port", type=_port, default=18080,
+                        help="port of the servers under test (default 18080); the service's metrics use this "
+                             "port plus 1000")
+    parser.add_argument("--worker-port", type=_port, default=18091,
                         help="first health port of the workers (default 18091; two workers use it and the next)")
     parser.add_argument("--unique-baselines", action="store_true",
                         help="sign a file large enough for each baseline run too, so no signature repeats "
@@ -73,6 +75,27 @@ def _bounded_number(kind: str, accepts, expected: str):
     return parse
 
 
+_port = _bounded_number("port", lambda port: port.is_integer() and 1 <= port <= 65535,
+                        "a whole number from 1 to 65535, such as 18080")
+
+
+def _port_conflict(port: int, worker_port: int) -> str | None:
+    """Return why the ports the suite derives from --port and --worker-port cannot be
+    used together, or None when they can."""
+    ports = {"--port": port, "the metrics port (--port + 1000)": port + 1000,
+             "--worker-port": worker_port, "the second worker's port (--worker-port + 1)": worker_port + 1}
+    for name, value in ports.items():
+        if value > 65535:
+            return f"invalid ports: {name} would be {value}, above 65535; choose a lower --port or --worker-port"
+    names = list(ports)
+    for index, first in enumerate(names):
+        for second in names[index + 1:]:
+            if ports[first] == ports[second]:
+                return (f"invalid ports: {first} and {second} are both {ports[first]}; "
+                        "choose a --worker-port away from --port and --port + 1000")
+    return None
+
+
 # --freshness-rate: requests per second. --freshness-load: a fraction of the peak.
 _positive_rate = _bounded_number("rate", lambda rate: 1 <= rate < float("inf"),
                                  "requests per second, at least 1, such as 8000")
@@ -104,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/run: --runs must be at least 1", file=sys.stderr)
         return 2
     parts = args.part or list(PARTS)
+    args.port, args.worker_port = int(args.port), int(args.worker_port)
+    conflict = _port_conflict(args.port, args.worker_port)
+    if conflict:
+        print(f"bench/run: {conflict}", file=sys.stderr)
+        return 2
     if (args.freshness_load is not None or args.freshness_rate is not None) and "freshness" not in parts:
         print("bench/run: --freshness-load and --freshness-rate apply to the freshness part only; "
               "add --part freshness or leave them out", file=sys.stderr)

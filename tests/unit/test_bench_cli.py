@@ -53,3 +53,23 @@ def test_freshness_options_parsed():
     assert _parser().parse_args(["--freshness-load", "0.25"]).freshness_load == 0.25
     assert _parser().parse_args(["--freshness-rate", "8000"]).freshness_rate == 8000.0
     assert _parser().parse_args([]).freshness_load is None
+
+
+@pytest.mark.parametrize("text", ["0", "70000", "-1", "abc", "80.5"])
+def test_bad_port_rejected(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["--port", text])
+    assert exit_info.value.code == 2
+    assert "invalid port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--port", "18080", "--worker-port", "18080"], "--port and --worker-port are both 18080"),
+    (["--port", "18080", "--worker-port", "18079"], "--port and the second worker's port (--worker-port + 1)"),
+    (["--port", "17091", "--worker-port", "18091"], "the metrics port (--port + 1000) and --worker-port"),
+    (["--port", "65000"], "the metrics port (--port + 1000) would be 66000"),
+    (["--worker-port", "65535"], "the second worker's port (--worker-port + 1) would be 65536"),
+])
+def test_port_conflicts_rejected(argv, message, capsys):
+    assert main([*argv, "--part", "worker"]) == 2
+    assert message in capsys.readouterr().err
