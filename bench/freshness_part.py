@@ -48,6 +48,8 @@ POLLER_ACCOUNT = 0  # bench01
 POLL_MIN_INTERVAL = 0.010  # seconds between two polls of one image, at the start
 POLL_TIMEOUT = 30.0  # seconds after which a sample counts as never seen
 START_DELAY = 3.0  # seconds from starting the agents to the first event
+# Under this fraction of the requested HTTP load, a note says the API fell behind it.
+HELD_LOAD_FRACTION = 0.9
 
 
 def exchange_names() -> tuple[str, str]:
@@ -287,6 +289,9 @@ def run(ctx: Context) -> None:
               f"poll resolution p50 "
               f"{outcome['resolution_p50_ms'] or 0:.1f} ms; worker lag p50 {outcome['worker_lag_p50_ms'] or 0:.1f} ms, "
               f"p99 {outcome['worker_lag_p99_ms'] or 0:.1f} ms", flush=True)
+        if load["rps"] < HELD_LOAD_FRACTION * load_rate:
+            results.note(f"freshness repetition {rep + 1}: wrk held {load['rps']:,.0f} of the {load_rate:,.0f} req/s "
+                         "requested: the API did not keep up with that load beside the events")
         if outcome["unseen"] or outcome["publish_failures"] or load["status_errors"]:
             results.note(f"freshness repetition {rep + 1}: {outcome['unseen']} of {outcome['samples']} samples never "
                          f"seen, {outcome['publish_failures']} publish failures, {load['status_errors']} non-2xx "
