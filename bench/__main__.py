@@ -75,8 +75,12 @@ def _bounded_number(kind: str, accepts, expected: str):
     return parse
 
 
-_port = _bounded_number("port", lambda port: port.is_integer() and 1 <= port <= 65535,
-                        "a whole number from 1 to 65535, such as 18080")
+_port_number = _bounded_number("port", lambda port: port.is_integer() and 1 <= port <= 65535,
+                               "a whole number from 1 to 65535, such as 18080")
+
+
+def _port(text: str) -> int:
+    return int(_port_number(text))
 
 
 def _port_conflict(port: int, worker_port: int) -> str | None:
@@ -127,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/run: --runs must be at least 1", file=sys.stderr)
         return 2
     parts = args.part or list(PARTS)
-    args.port, args.worker_port = int(args.port), int(args.worker_port)
     conflict = _port_conflict(args.port, args.worker_port)
     if conflict:
         print(f"bench/run: {conflict}", file=sys.stderr)
