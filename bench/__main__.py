@@ -90,13 +90,13 @@ def _port_conflict(port: int, worker_port: int) -> str | None:
              "--worker-port": worker_port, "the second worker's port (--worker-port + 1)": worker_port + 1}
     for name, value in ports.items():
         if value > 65535:
-            return f"invalid ports: {name} would be {value}, above 65535; choose a lower --port or --worker-port"
+            return f"invalid ports: {name} would be {value}, above 65535. Choose a lower --port or --worker-port"
     names = list(ports)
     for index, first in enumerate(names):
         for second in names[index + 1:]:
             if ports[first] == ports[second]:
-                return (f"invalid ports: {first} and {second} are both {ports[first]}; "
-                        "choose a --worker-port away from --port and --port + 1000")
+                return (f"invalid ports: {first} and {second} are both {ports[first]}. "
+                        "Choose a --worker-port away from --port and --port + 1000")
     return None
 
 

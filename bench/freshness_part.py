@@ -48,7 +48,7 @@ POLLER_ACCOUNT = 0  # bench01
 POLL_MIN_INTERVAL = 0.010  # seconds between two polls of one image, at the start
 POLL_TIMEOUT = 30.0  # seconds after which a sample counts as never seen
 START_DELAY = 3.0  # seconds from starting the agents to the first event
-# A repetition whose HTTP load held under this fraction of the requested rate gets a note.
+# A repetition where wrk sustained less than this fraction of the requested HTTP rate gets a note.
 HELD_LOAD_FRACTION = 0.9
 
 

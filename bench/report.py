@@ -129,7 +129,7 @@ def note_slow_machine(results: Results) -> None:
             continue
         median = statistics.median(values)
         if median < SLOW_MACHINE_FRACTION * reference:
-            # Appended without printing: the caller prints every note under the table next.
+            # Appended without printing, because the caller prints every note under the table next.
             results.notes.append(f"{label} ran at {median:,.0f} {unit}, {median / reference:.2f} of the "
                                  f"{reference:,} of the machine the targets were set on: judge this machine by "
                                  "the ratios, not by the targets in ms and events/s")
