@@ -4,9 +4,9 @@
     python -m bench.freshness_agents poll PLAN.json
 
 `publish` sends the events of the plan, which the orchestrator encoded and checked
-against the contract before the run, the way the service's producer does
+against the contract before the run, as the service's producer would
 (`workers.producer.EventPublisher`: persistent, mandatory, on a channel with publisher
-confirms).
+confirms), through the lean client of bench/amqp_publish.py.
 Event k goes at `t0 + k / rate` on CLOCK_MONOTONIC, with its `time` set when it is
 sent. The agent records when it sent each event and when the confirm came back.
 
@@ -33,8 +33,8 @@ import aio_pika
 import aiohttp
 import orjson
 import uvloop
-from aiormq import spec
 
+from bench.amqp_publish import ConfirmingPublisher, Message, PublishError, now_text
 from service.settings import Settings
 from workers import topology
 
@@ -42,6 +42,9 @@ from workers import topology
 # The `time` of every event in the plan's file, of the contract's shape: the agent puts
 # the real time in its place when it sends the event.
 TIME_PLACEHOLDER = "2000-01-01T00:00:00.000Z"
+
+# Seconds the agent waits for the last confirms after the last send.
+CONFIRM_TIMEOUT = 30.0
 
 # Polls of one image that may wait for a response at the same time (see `poll`).
 MAX_POLLS_IN_FLIGHT = 2
@@ -87,6 +90,9 @@ async def publish(plan: dict) -> dict:
                                  amqp_queue=plan["queue"])
     with open(plan["events_path"], "rb") as handle:
         events = [_split(line) for line in handle]
+    messages = [Message(exchange=settings.amqp_exchange, routing_key=event_type, head=head, tail=tail,
+                        time_length=len(TIME_PLACEHOLDER), message_id=event_id, message_type=event_type)
+                for head, tail, event_id, event_type in events]
     rate = plan["rate"]
     t0 = plan["t0"]
     sample_every = plan["sample_every"]
@@ -94,48 +100,44 @@ async def publish(plan: dict) -> dict:
     confirmed = [0.0] * len(events)
     failures: list[str] = []
 
+    # The topology of workers.producer.EventPublisher, declared the same way.
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     try:
-        # The channel, topology and message properties of workers.producer.EventPublisher,
-        # without its per-event contract check, which the orchestrator ran before the run.
-        confirming = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await topology.declare(confirming, settings)
-        channel = await confirming.get_underlay_channel()
+        await topology.declare(await connection.channel(), settings)
+    finally:
+        await connection.close()
 
-        async def send(index: int) -> None:
-            called[index] = time.monotonic()
-            head, tail, event_id, event_type = events[index]
-            now = datetime.now(UTC)
-            body = head + now.isoformat(timespec="milliseconds").replace("+00:00", "Z").encode() + tail
-            properties = spec.Basic.Properties(content_type="application/json", delivery_mode=2,
-                                               message_id=event_id, message_type=event_type, timestamp=now)
-            try:
-                confirmation = await channel.basic_publish(body, exchange=settings.amqp_exchange,
-                                                           routing_key=event_type, properties=properties,
-                                                           mandatory=True)
-                if type(confirmation).__name__ != "Ack":
-                    failures.append(f"event {index}: {type(confirmation).__name__}")
-            except Exception as exc:  # noqa: BLE001 (reported in the result, the run goes on)
-                failures.append(f"event {index}: {exc!r}")
-            confirmed[index] = time.monotonic()
+    def on_confirm(tag: int, ok: bool) -> None:
+        # Tags count from 1 in the order of sending, and events are sent in index order.
+        confirmed[tag - 1] = time.monotonic()
+        if not ok:
+            failures.append(f"event {tag - 1}: the broker nacked it")
 
-        pending: set[asyncio.Task] = set()
+    def on_return(message_id: str, reason: str) -> None:
+        failures.append(f"event {message_id}: returned as unroutable ({reason})")
 
+    publisher = await ConfirmingPublisher.connect(settings.amqp_url, on_confirm, on_return)
+    try:
         def start(index: int) -> None:
-            task = asyncio.create_task(send(index))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            called[index] = time.monotonic()
+            now = datetime.now(UTC)
+            try:
+                publisher.publish(messages[index].frames(now, now_text(now)))
+            except PublishError as exc:
+                failures.append(f"event {index}: {exc}")
 
-        # With every task of the run kept, sends stalled by up to 97 ms late in a run,
-        # probably in full collections, which scan every live object. So finished tasks
-        # are dropped and the loaded events are frozen out of collection. The maximum
-        # delay of a send fell to 2 ms.
+        # Full collections scan every live object, the loaded events included, and sends
+        # stalled by up to 97 ms late in a run. So the events are frozen out of collection.
         gc.collect()
         gc.freeze()
         await pace(len(events), rate, t0, start)
-        await asyncio.gather(*pending)
+        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        while publisher.unconfirmed and publisher.error is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if publisher.unconfirmed:
+            failures.append(f"{publisher.unconfirmed} events not confirmed: {publisher.error or 'timed out'}")
     finally:
-        await connection.close()
+        await publisher.close()
 
     lags = sorted(called[k] - (t0 + k / rate) for k in range(len(events)))
     return {
