@@ -64,6 +64,7 @@ class Message:
         self._after_stamp = content[at + 8:] + body[:body_at] + head
         self._tail = tail + body[-1:]
         self._time_length = time_length
+        self.body_size = size
 
     def frames(self, sent: datetime, time_text: bytes) -> bytes:
         """Return the frames to write, with `sent` as the timestamp and `time_text` in the body."""
@@ -91,6 +92,9 @@ class ConfirmingPublisher(asyncio.Protocol):
         # Set by basic.return, whose content header (with the message_id) comes next.
         self._return_reason: str | None = None
         self.error: PublishError | None = None
+        # The largest body that fits one frame: the negotiated frame size less the
+        # frame's 8 octets of header and end (0: no limit).
+        self.max_body = 0
 
     @classmethod
     async def connect(cls, url: str, on_confirm: Callable[[int, bool], None], on_return: Callable[[str, str], None],
@@ -112,6 +116,7 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._send(0, commands.Connection.StartOk(client_properties={"connection_name": "cloudapi-images bench"},
                                                   mechanism="PLAIN", response=f"\0{user}\0{password}"))
         tune = await self._expect(commands.Connection.Tune)
+        self.max_body = tune.frame_max - 8 if tune.frame_max else 0
         self._send(0, commands.Connection.TuneOk(channel_max=tune.channel_max, frame_max=tune.frame_max, heartbeat=0))
         self._send(0, commands.Connection.Open(virtual_host=vhost))
         await self._expect(commands.Connection.OpenOk)
@@ -120,8 +125,15 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._send(CHANNEL, commands.Confirm.Select())
         await self._expect(commands.Confirm.SelectOk)
 
+    def check_size(self, message: Message) -> None:
+        """Raise PublishError if the message's body does not fit one frame, which this
+        client cannot split."""
+        if self.max_body and message.body_size > self.max_body:
+            raise PublishError(f"a body of {message.body_size} bytes is larger than the broker's frame "
+                               f"({self.max_body} bytes of body). This client sends each body in one frame.")
+
     def publish(self, frames: bytes) -> int:
-        """Write one message's frames; return its delivery tag."""
+        """Write one message's frames and return its delivery tag."""
         if self.error is not None:
             raise self.error
         self._write(frames)

@@ -118,6 +118,9 @@ async def publish(plan: dict) -> dict:
 
     publisher = await ConfirmingPublisher.connect(settings.amqp_url, on_confirm, on_return)
     try:
+        for message in messages:
+            publisher.check_size(message)
+
         def start(index: int) -> None:
             called[index] = time.monotonic()
             now = datetime.now(UTC)

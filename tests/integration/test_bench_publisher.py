@@ -125,6 +125,21 @@ async def test_wrong_password_is_an_error():
         await ConfirmingPublisher.connect(url, recorder.on_confirm, recorder.on_return, timeout=DEFAULT_TIMEOUT)
 
 
+async def test_body_over_frame_size_raises():
+    recorder = Recorder()
+    publisher = await ConfirmingPublisher.connect(AMQP_URL, recorder.on_confirm, recorder.on_return)
+    try:
+        fits = _message("x", 1)
+        large = Message(exchange="x", routing_key="image.updated", head=b"x" * (publisher.max_body + 1), tail=b"",
+                        time_length=TIME_LENGTH, message_id="large", message_type="image.updated")
+        publisher.check_size(fits)
+        with pytest.raises(PublishError, match="larger than the broker's frame"):
+            publisher.check_size(large)
+    finally:
+        await publisher.close()
+    assert publisher.max_body > 0
+
+
 def test_wrong_time_length_raises():
     now = datetime.now(UTC)
     with pytest.raises(ValueError, match="24 bytes"):
