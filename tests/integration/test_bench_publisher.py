@@ -57,16 +57,22 @@ async def bound_queue():
         await connection.close()
 
 
-async def test_published_messages_arrive_confirmed(bound_queue):
-    exchange, queue = bound_queue
-    recorder = Recorder()
+async def _publish_confirmed(recorder: Recorder, messages: list[Message], sent_at: datetime) -> list[int]:
+    """Publish `messages` on a new connection, wait until all are confirmed, and return their tags."""
     publisher = await ConfirmingPublisher.connect(AMQP_URL, recorder.on_confirm, recorder.on_return)
-    sent_at = datetime.now(UTC)
     try:
-        tags = [publisher.publish(_message(exchange, index).frames(sent_at, now_text(sent_at))) for index in range(50)]
+        tags = [publisher.publish(message.frames(sent_at, now_text(sent_at))) for message in messages]
         await _until(lambda: publisher.unconfirmed == 0)
     finally:
         await publisher.close()
+    return tags
+
+
+async def test_published_messages_arrive_confirmed(bound_queue):
+    exchange, queue = bound_queue
+    recorder = Recorder()
+    sent_at = datetime.now(UTC)
+    tags = await _publish_confirmed(recorder, [_message(exchange, index) for index in range(50)], sent_at)
 
     assert tags == list(range(1, 51))
     assert recorder.confirms == {tag: True for tag in tags}
@@ -81,7 +87,9 @@ async def test_published_messages_arrive_confirmed(bound_queue):
                 received.append(message)
     first = received[0]
     assert first.body == b'{"n": 0, "time": "' + now_text(sent_at) + b'"}'
-    assert (first.message_id, first.type, first.content_type) == ("event-0", "image.updated", "application/json")
+    assert first.message_id == "event-0"
+    assert first.type == "image.updated"
+    assert first.content_type == "application/json"
     assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert first.timestamp == sent_at.replace(microsecond=0)
     assert [message.message_id for message in received] == [f"event-{index}" for index in range(50)]
@@ -90,13 +98,7 @@ async def test_published_messages_arrive_confirmed(bound_queue):
 async def test_unroutable_message_is_returned(bound_queue):
     exchange, _ = bound_queue
     recorder = Recorder()
-    publisher = await ConfirmingPublisher.connect(AMQP_URL, recorder.on_confirm, recorder.on_return)
-    now = datetime.now(UTC)
-    try:
-        publisher.publish(_message(exchange, 7, routing_key="image.nobody").frames(now, now_text(now)))
-        await _until(lambda: publisher.unconfirmed == 0)
-    finally:
-        await publisher.close()
+    await _publish_confirmed(recorder, [_message(exchange, 7, routing_key="image.nobody")], datetime.now(UTC))
 
     assert recorder.returns == [("event-7", "312 NO_ROUTE")]
     assert recorder.confirms == {1: True}
