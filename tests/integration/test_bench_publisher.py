@@ -42,7 +42,7 @@ async def _until(condition) -> None:
 
 @pytest.fixture
 async def bound_queue():
-    """A topic exchange and a quorum queue bound to it for image.updated; removed after."""
+    """A topic exchange and a quorum queue bound to it for image.updated, removed after the test."""
     exchange_name, queue_name = f"test-{RUN_ID}.bench-publish", f"test-{RUN_ID}.bench-publish.events"
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
