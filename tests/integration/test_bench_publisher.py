@@ -1,6 +1,6 @@
 """The freshness part's lean publisher (bench/amqp_publish.py) against the real RabbitMQ:
-what it sends arrives as aio-pika would have sent it, and every confirm, nack, return
-and rejection reaches the caller."""
+what it sends arrives as aio-pika would have sent it, and every confirm, return and
+rejection reaches the caller."""
 
 import asyncio
 from datetime import UTC, datetime
