@@ -35,7 +35,7 @@ import aio_pika
 import asyncpg
 import orjson
 
-from bench import config, dataset, servers, signing, wrk
+from bench import config, dataset, http_part, servers, signing, wrk
 from bench.context import Context
 from bench.freshness_agents import TIME_PLACEHOLDER
 from bench.processes import BenchError, ProcessGroup, wait_http
@@ -127,11 +127,7 @@ def _peak(ctx: Context) -> float:
     if 1 in ctx.service_peak:
         return ctx.service_peak[1]
     print("  measuring the service's peak (the HTTP part was not run)", flush=True)
-    count = int(ctx.rates.get(("service", 1), 4000) * (ctx.profile.warmup_seconds + ctx.profile.http_seconds) * 1.4)
-    request_file = signing.generate(ctx.accounts, ctx.visible, count, "fresh-peak", ctx.next_seed())
-    from bench.http_part import measure
-
-    figures = measure(ctx, "service", 1, request_file, tag="-peak")
+    figures = http_part.measure_peak(ctx, 1)
     ctx.service_peak[1] = figures["rps"]
     return figures["rps"]
 
