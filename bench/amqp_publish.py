@@ -229,17 +229,18 @@ class ConfirmingPublisher(asyncio.Protocol):
             self._replies.put_nowait(value)
 
     def _settle(self, tag: int, multiple: bool, *, ok: bool) -> None:
+        """Report the confirm of `tag`, or of every outstanding tag up to it when `multiple`."""
         if multiple:
             settled = []
-            for each in self._outstanding:
-                if each > tag:
+            for pending in self._outstanding:
+                if pending > tag:
                     break
-                settled.append(each)
+                settled.append(pending)
         else:
             settled = [tag] if tag in self._outstanding else []
-        for each in settled:
-            del self._outstanding[each]
-            self._on_confirm(each, ok)
+        for confirmed in settled:
+            del self._outstanding[confirmed]
+            self._on_confirm(confirmed, ok)
 
 
 def now_text(now: datetime) -> bytes:
