@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 from pamqp import commands, frame, header
 from pamqp.body import ContentBody
 
-CHANNEL = 1
+CHANNEL = 1  # the one channel the publisher opens
 # The timestamp property of every prebuilt message, replaced when it is sent. Its
 # 8 bytes (seconds since the epoch, big-endian) must occur once in the header frame.
 _TIMESTAMP_PLACEHOLDER = datetime(2000, 1, 1, tzinfo=UTC)
@@ -101,7 +101,7 @@ class ConfirmingPublisher(asyncio.Protocol):
                       *, timeout: float = 10.0) -> ConfirmingPublisher:
         parts = urlsplit(url)
         if parts.scheme != "amqp":
-            raise PublishError(f"only amqp:// URLs are supported, not {parts.scheme}://")
+            raise PublishError(f"invalid AMQP URL scheme {parts.scheme}://: this publisher supports amqp:// only")
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             _, publisher = await loop.create_connection(lambda: cls(on_confirm, on_return),
@@ -224,6 +224,8 @@ class ConfirmingPublisher(asyncio.Protocol):
                 self._send(channel, commands.Channel.CloseOk())
             self._replies.put_nowait(self.error)
         elif isinstance(value, (commands.Connection.Blocked, commands.Connection.Unblocked)):
+            # A blocked broker reads nothing more until it unblocks, so writes wait in the
+            # socket and the confirms come late, which the agent's confirm times show.
             pass
         elif hasattr(value, "name") and value.name != "Heartbeat":
             self._replies.put_nowait(value)

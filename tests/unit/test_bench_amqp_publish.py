@@ -2,9 +2,10 @@
 delivers them: acks and nacks, `multiple` or not, split across reads. The real broker
 is tested in tests/integration/test_bench_publisher.py."""
 
+import pytest
 from pamqp import commands, frame
 
-from bench.amqp_publish import CHANNEL, ConfirmingPublisher
+from bench.amqp_publish import CHANNEL, ConfirmingPublisher, PublishError
 
 
 class Transport:
@@ -76,3 +77,9 @@ def test_connection_close_sets_error():
 
     assert "320 CONNECTION_FORCED" in str(publisher.error)
     assert publisher._transport.written[-1] == frame.marshal(commands.Connection.CloseOk(), 0)
+
+
+async def test_amqps_url_is_rejected():
+    with pytest.raises(PublishError, match="invalid AMQP URL scheme amqps://"):
+        await ConfirmingPublisher.connect("amqps://guest:guest@127.0.0.1:5671/", lambda tag, ok: None,
+                                          lambda message_id, reason: None)
